@@ -1,0 +1,99 @@
+"""Every error adapterdock's libraries raise, in one place.
+
+Each error subclasses `AdapterDockError` and the closest builtin, so callers can catch either, and carries a
+`remedy` that says how to fix the problem. Mapping to HTTP statuses happens only at the server's edge.
+"""
+
+from __future__ import annotations
+
+
+class AdapterDockError(Exception):
+    """Base of every adapterdock error; `str(err)` is the problem followed by its remedy."""
+
+    default_remedy: str = ""
+
+    def __init__(self, message: str, remedy: str | None = None) -> None:
+        self.message = message
+        self.remedy = remedy if remedy is not None else self.default_remedy
+        super().__init__(f"{message} {self.remedy}".strip() if self.remedy else message)
+
+
+class InvalidReferenceError(AdapterDockError, ValueError):
+    """An adapter name, reference or tag that breaks the naming rules."""
+
+    default_remedy = (
+        "Names use lowercase letters, digits, '-', '_' and '.', optionally with one 'namespace/'; "
+        "references are NAME, NAME@VERSION or NAME@TAG."
+    )
+
+
+class AdapterNotFoundError(AdapterDockError, LookupError):
+    """No adapter, version or tag by that reference."""
+
+    default_remedy = "Run `adapterdock hub list` to see what is registered."
+
+
+class ChecksumMismatchError(AdapterDockError, ValueError):
+    """A file's bytes no longer match the sha256 its manifest recorded."""
+
+    def __init__(self, message: str, path: str | None = None, remedy: str | None = None) -> None:
+        self.path = path
+        super().__init__(
+            message,
+            remedy
+            if remedy is not None
+            else "The file was changed or corrupted after registration: re-register or re-pull it.",
+        )
+
+
+class CorruptAdapterError(AdapterDockError, ValueError):
+    """Adapter files that cannot be read or do not fit their declared format."""
+
+    default_remedy = "Re-export the adapter with `save_pretrained(..., safe_serialization=True)`."
+
+
+class ManifestError(AdapterDockError, ValueError):
+    """A manifest.json that is missing, unreadable or fails validation."""
+
+    default_remedy = "Fix the listed fields, or re-register the adapter with `adapterdock hub import`."
+
+
+class BaseMismatchError(AdapterDockError, ValueError):
+    """An adapter trained on another base model than the one it is used with."""
+
+    default_remedy = "Use the base the adapter was trained on (see `adapterdock hub show REF`)."
+
+
+class BaseNotFoundError(AdapterDockError, LookupError):
+    """A base model name that is neither built in, a local folder, a registry model nor a cached HF id."""
+
+    default_remedy = (
+        "Use a built-in base (tiny, small), a local HF-format folder, registry:NAME, "
+        "or an HF model id present in the local HF cache."
+    )
+
+
+class DataError(AdapterDockError, ValueError):
+    """Training or evaluation data that cannot be used; the message names file, line and problem."""
+
+    default_remedy = "Fix the listed lines and run again; nothing was trained or registered."
+
+
+class RegistryError(AdapterDockError, OSError):
+    """The registry folder cannot be written or read as a registry."""
+
+    default_remedy = (
+        "Check that the registry folder exists and is writable (--registry or ADAPTERDOCK_REGISTRY)."
+    )
+
+
+class HubError(AdapterDockError, ConnectionError):
+    """A remote hub refused a request or could not be reached."""
+
+    default_remedy = "Check --endpoint (or HF_ENDPOINT) and that the hub is running."
+
+
+class HubAuthError(HubError, PermissionError):
+    """A remote hub refused our token, or the token lacks rights to the repo."""
+
+    default_remedy = "Pass a token with access to the repo via --token or HF_TOKEN."

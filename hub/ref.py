@@ -1,0 +1,105 @@
+"""Adapter names and references (`name`, `name@3`, `name@prod`): parsing and validation.
+
+Boundary: pure string rules, no file access. Every path the store builds comes from a name that passed
+`validate_name`, so a reference can never point outside the registry.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from hub.errors import InvalidReferenceError
+
+MAX_NAME_LENGTH = 96
+_SEGMENT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_TAG = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if it is a valid adapter name (`name` or `namespace/name`).
+
+    Raises:
+        InvalidReferenceError: naming the rule that `name` breaks.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidReferenceError("Adapter name is empty.")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidReferenceError(f"Adapter name is {len(name)} characters; at most {MAX_NAME_LENGTH}.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidReferenceError(f"Adapter name {name!r} contains control characters.")
+    segments = name.split("/")
+    if len(segments) > 2:
+        raise InvalidReferenceError(f"Adapter name {name!r} has more than one '/'.")
+    for segment in segments:
+        if segment in ("", ".", "..") or not _SEGMENT.match(segment) or ".." in segment:
+            raise InvalidReferenceError(f"Invalid adapter name {name!r}.")
+        if segment.isdigit():
+            raise InvalidReferenceError(
+                f"Adapter name {name!r} has an all-digit part, which would read as a version."
+            )
+    return name
+
+
+def validate_tag(tag: str) -> str:
+    """Return `tag` if it is a valid movable tag (`prod`, `staging`, ...); numbers are versions, not tags."""
+    if not isinstance(tag, str) or not _TAG.match(tag):
+        raise InvalidReferenceError(
+            f"Invalid tag {tag!r}.",
+            "Tags start with a lowercase letter and use lowercase letters, digits, '-', '_' and '.'.",
+        )
+    return tag
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A reference to an adapter: a name plus at most one of version or tag."""
+
+    name: str
+    version: int | None = None
+    tag: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if self.version is not None and self.tag is not None:
+            raise InvalidReferenceError(f"Reference to {self.name!r} has both a version and a tag.")
+        if self.version is not None and (not isinstance(self.version, int) or self.version < 1):
+            raise InvalidReferenceError(
+                f"Version {self.version!r} of {self.name!r} is not a positive integer."
+            )
+        if self.tag is not None:
+            validate_tag(self.tag)
+
+    @classmethod
+    def parse(cls, text: str | AdapterRef) -> AdapterRef:
+        """Parse `name`, `name@3` or `name@tag`.
+
+        Raises:
+            InvalidReferenceError: for anything else (paths, empty parts, several '@').
+        """
+        if isinstance(text, AdapterRef):
+            return text
+        if not isinstance(text, str):
+            raise InvalidReferenceError(f"Adapter reference must be a string, got {type(text).__name__}.")
+        name, sep, suffix = text.partition("@")
+        if not sep:
+            return cls(name)
+        if not suffix or "@" in suffix:
+            raise InvalidReferenceError(f"Invalid adapter reference {text!r}.")
+        if suffix.isdigit():
+            return cls(name, version=int(suffix))
+        if suffix.startswith("v") and suffix[1:].isdigit():
+            return cls(name, version=int(suffix[1:]))
+        return cls(name, tag=suffix)
+
+    @property
+    def is_pinned(self) -> bool:
+        """True when the reference names an immutable version."""
+        return self.version is not None
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}@{self.version}"
+        if self.tag is not None:
+            return f"{self.name}@{self.tag}"
+        return self.name

@@ -1,0 +1,462 @@
+"""The local registry: versioned, checksummed adapter folders under one root (default `./adapters`).
+
+Layout: `<root>/<name>/<version>/` holds the adapter files, `manifest.json` and a `README.md` card;
+`<root>/<name>/tags.json` maps movable tags to versions (`latest` is always the highest version).
+Boundary: files and manifests only. Writes are atomic: a version is built in `<root>/.staging/`, checked,
+fsynced, then renamed into place under a per-name lock, so readers never see a partial version and
+concurrent writers get distinct versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hub.errors import (
+    AdapterNotFoundError,
+    ChecksumMismatchError,
+    CorruptAdapterError,
+    InvalidReferenceError,
+    ManifestError,
+    RegistryError,
+)
+from hub.manifest import MANIFEST_FILE, BaseSpec, FileEntry, Manifest, utc_now
+from hub.ref import AdapterRef, validate_name, validate_tag
+
+logger = logging.getLogger(__name__)
+
+REGISTRY_ENV = "ADAPTERDOCK_REGISTRY"
+DEFAULT_REGISTRY = "adapters"
+STAGING = ".staging"
+TAGS_FILE = "tags.json"
+COUNTER_FILE = ".next_version"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_STALE_STAGING_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class StoredAdapter:
+    """A registered version: its folder and its manifest."""
+
+    path: Path
+    manifest: Manifest
+
+
+def default_registry_root() -> Path:
+    """The registry root: `$ADAPTERDOCK_REGISTRY`, else `./adapters`."""
+    return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def detect_adapter_format(folder: Path) -> str:
+    """Tell PEFT, bottleneck and full-model folders apart by their config file."""
+    if (folder / "adapter_config.json").is_file():
+        return "peft"
+    if (folder / "bottleneck_config.json").is_file():
+        return "bottleneck"
+    if (folder / "config.json").is_file():
+        return "hf-model"
+    raise CorruptAdapterError(
+        f"{folder} holds no adapter_config.json, bottleneck_config.json or config.json.",
+        "Point at a folder written by PEFT's save_pretrained, an adapterdock trainer, or a HF model folder.",
+    )
+
+
+def verify_files(folder: Path, manifest: Manifest) -> None:
+    """Check every file the manifest lists against its size and sha256.
+
+    Raises:
+        ChecksumMismatchError: naming the first file that is missing or differs.
+    """
+    for fname, entry in sorted(manifest.files.items()):
+        path = folder / fname
+        if not path.is_file():
+            raise ChecksumMismatchError(f"{manifest.ref}: file {fname} is missing.", path=str(path))
+        size = path.stat().st_size
+        if entry.size >= 0 and size != entry.size:
+            raise ChecksumMismatchError(
+                f"{manifest.ref}: file {fname} is {size} bytes, the manifest says {entry.size}.",
+                path=str(path),
+            )
+        if sha256_file(path) != entry.sha256:
+            raise ChecksumMismatchError(
+                f"{manifest.ref}: file {fname} does not match its sha256.", path=str(path)
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class LocalStore:
+    """A versioned, checksummed registry of adapters in one folder."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_registry_root()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # ---- paths and locking -------------------------------------------------------------------
+    def _name_dir(self, name: str) -> Path:
+        return self.root / validate_name(name)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        """Hold the per-name lock (across threads and processes) and yield the name's folder."""
+        name_dir = self._name_dir(name)
+        try:
+            name_dir.mkdir(parents=True, exist_ok=True)
+            handle = open(name_dir / ".lock", "a+")
+        except OSError as exc:
+            raise RegistryError(f"Cannot write to registry {self.root}: {exc}.") from exc
+        with handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield name_dir
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def _staging_dir(self) -> Path:
+        staging = self.root / STAGING
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"Cannot write to registry {self.root}: {exc}.") from exc
+        now = time.time()
+        for stale in staging.iterdir():
+            with contextlib.suppress(OSError):
+                if now - stale.stat().st_mtime > _STALE_STAGING_SECONDS:
+                    shutil.rmtree(stale, ignore_errors=True)
+        path = staging / f"{uuid.uuid4().hex}.tmp"
+        path.mkdir()
+        return path
+
+    # ---- writing -----------------------------------------------------------------------------
+    def put(
+        self,
+        src_dir: str | Path,
+        *,
+        name: str,
+        task: str,
+        method: str,
+        base: BaseSpec,
+        labels: Iterable[str] = (),
+        metrics: dict[str, Any] | None = None,
+        trainer: dict[str, Any] | None = None,
+        kind: str = "adapter",
+        adapter_format: str | None = None,
+        quantization: dict[str, Any] | None = None,
+        description: str = "",
+        tags: Iterable[str] = (),
+    ) -> Manifest:
+        """Register the files of `src_dir` as the next version of `name`.
+
+        Returns:
+            The manifest of the new version, as written.
+
+        Raises:
+            ManifestError: invalid fields (all listed at once). CorruptAdapterError: no adapter files, or
+            pickle files (safetensors only). RegistryError: the registry cannot be written.
+        """
+        src = Path(src_dir)
+        manifest = Manifest(
+            name=name,
+            version=0,
+            task=task,
+            method=method,
+            base=base,
+            labels=list(labels),
+            metrics=dict(metrics or {}),
+            trainer=dict(trainer or {}),
+            kind=kind,
+            adapter_format=adapter_format or detect_adapter_format(src),
+            quantization=quantization,
+            description=description,
+        )
+        return self.put_manifest(src, manifest, tags=tags)
+
+    def put_manifest(self, src_dir: str | Path, manifest: Manifest, tags: Iterable[str] = ()) -> Manifest:
+        """Register `src_dir` under `manifest`'s fields as a NEW version (the version field is reassigned)."""
+        src = Path(src_dir)
+        validate_name(manifest.name)
+        if not src.is_dir():
+            raise CorruptAdapterError(
+                f"{src} is not a folder.", "Pass the folder that holds the adapter files."
+            )
+        tags = [validate_tag(t) for t in tags]
+        problems = manifest.problems()
+        if problems:
+            raise ManifestError(f"Cannot register {manifest.name!r}: " + "; ".join(problems) + ".")
+        pickles = sorted(p.name for p in src.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CorruptAdapterError(
+                f"{src} holds pickle files ({', '.join(pickles)}); adapterdock loads safetensors only.",
+                "Re-save with save_pretrained(..., safe_serialization=True) and remove the pickle files.",
+            )
+        staging = self._staging_dir()
+        try:
+            files = self._copy_into(src, staging)
+            manifest = replace(manifest, files=files, created_at=manifest.created_at or utc_now())
+            with self._locked(manifest.name) as name_dir:
+                version = self._next_version(name_dir)
+                manifest = replace(manifest, version=version)
+                if not (staging / "README.md").exists():
+                    (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
+                    manifest.files["README.md"] = _entry(staging / "README.md")
+                manifest.save(staging)
+                for path in staging.iterdir():
+                    _fsync_file(path)
+                verify_files(staging, manifest)
+                _fsync_dir(staging)
+                os.rename(staging, name_dir / str(version))
+                _fsync_dir(name_dir)
+                (name_dir / COUNTER_FILE).write_text(str(version + 1))
+                if tags:
+                    current = self._read_tags(name_dir)
+                    current.update({t: version for t in tags})
+                    _write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        logger.info("registered %s (%s, %s) in %s", manifest.ref, manifest.task, manifest.method, self.root)
+        return manifest
+
+    def _copy_into(self, src: Path, dst: Path) -> dict[str, FileEntry]:
+        files: dict[str, FileEntry] = {}
+        for path in sorted(src.rglob("*")):
+            rel = path.relative_to(src)
+            if path.is_symlink():
+                raise CorruptAdapterError(
+                    f"{path} is a symbolic link.", "Copy the real file into the folder."
+                )
+            if path.is_dir() or rel.name == MANIFEST_FILE and len(rel.parts) == 1:
+                continue
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            files[rel.as_posix()] = _entry(target)
+        return files
+
+    def _next_version(self, name_dir: Path) -> int:
+        existing = max(self._versions_in(name_dir), default=0)
+        try:
+            counter = int((name_dir / COUNTER_FILE).read_text().strip() or 0)
+        except (OSError, ValueError):
+            counter = 0
+        return max(existing + 1, counter)
+
+    # ---- reading -----------------------------------------------------------------------------
+    @staticmethod
+    def _versions_in(name_dir: Path) -> list[int]:
+        if not name_dir.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in name_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+        )
+
+    @staticmethod
+    def _read_tags(name_dir: Path) -> dict[str, int]:
+        try:
+            data = json.loads((name_dir / TAGS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"{name_dir / TAGS_FILE} is unreadable: {exc}.") from exc
+        return {str(k): int(v) for k, v in data.items()}
+
+    def versions(self, name: str) -> list[int]:
+        """All registered versions of `name`, ascending."""
+        return self._versions_in(self._name_dir(name))
+
+    def tags(self, name: str) -> dict[str, int]:
+        """Tags of `name` mapped to versions, `latest` included."""
+        name_dir = self._name_dir(name)
+        versions = self._versions_in(name_dir)
+        tags = {t: v for t, v in self._read_tags(name_dir).items() if v in versions}
+        if versions:
+            tags["latest"] = versions[-1]
+        return tags
+
+    def resolve(self, ref: str | AdapterRef) -> AdapterRef:
+        """Turn any reference into `name@version`.
+
+        Raises:
+            InvalidReferenceError: malformed reference. AdapterNotFoundError: unknown name, version or tag.
+        """
+        ref = AdapterRef.parse(ref)
+        versions = self.versions(ref.name)
+        if not versions:
+            raise AdapterNotFoundError(f"No adapter named {ref.name!r} in registry {self.root}.")
+        if ref.version is not None:
+            if ref.version not in versions:
+                raise AdapterNotFoundError(
+                    f"Adapter {ref.name!r} has no version {ref.version}; it has {_fmt(versions)}."
+                )
+            return ref
+        tags = self.tags(ref.name)
+        tag = ref.tag or "latest"
+        if tag not in tags:
+            raise AdapterNotFoundError(
+                f"Adapter {ref.name!r} has no tag {tag!r}; its tags are {', '.join(sorted(tags))}."
+            )
+        return AdapterRef(ref.name, version=tags[tag])
+
+    def get(self, ref: str | AdapterRef, verify: bool = True) -> StoredAdapter:
+        """Resolve `ref` and return its folder and manifest, checking every file's sha256 when `verify`.
+
+        Raises:
+            AdapterNotFoundError, ManifestError, ChecksumMismatchError (naming the file).
+        """
+        resolved = self.resolve(ref)
+        path = self._name_dir(resolved.name) / str(resolved.version)
+        manifest = Manifest.load(path)
+        if manifest.name != resolved.name or manifest.version != resolved.version:
+            raise ManifestError(
+                f"{path / MANIFEST_FILE} names {manifest.ref}, but lives at {resolved}.",
+                "The registry folder was edited by hand; restore it or re-register the adapter.",
+            )
+        if verify:
+            verify_files(path, manifest)
+        return StoredAdapter(path=path, manifest=manifest)
+
+    def verify(self, ref: str | AdapterRef) -> Manifest:
+        """Check every file of `ref`; return its manifest."""
+        return self.get(ref, verify=True).manifest
+
+    def names(self) -> list[str]:
+        """Every adapter name in the registry (namespaced ones as `ns/name`)."""
+        if not self.root.is_dir():
+            return []
+        names: list[str] = []
+        for top in sorted(self.root.iterdir()):
+            if not top.is_dir() or top.name.startswith("."):
+                continue
+            if self._versions_in(top):
+                names.append(top.name)
+            for sub in sorted(top.iterdir()):
+                if sub.is_dir() and not sub.name.isdigit() and self._versions_in(sub):
+                    names.append(f"{top.name}/{sub.name}")
+        return names
+
+    def list(
+        self, task: str | None = None, base: str | None = None, all_versions: bool = False
+    ) -> list[Manifest]:
+        """Manifests of the latest (or every) version, filtered by task and base (fingerprint or name)."""
+        manifests: list[Manifest] = []
+        for name in self.names():
+            versions = self.versions(name)
+            for version in versions if all_versions else versions[-1:]:
+                try:
+                    manifest = Manifest.load(self._name_dir(name) / str(version))
+                except ManifestError as exc:
+                    logger.warning("skipping %s@%s: %s", name, version, exc)
+                    continue
+                if task and manifest.task != task:
+                    continue
+                if base and base not in (manifest.base.fingerprint, manifest.base.name_or_path):
+                    continue
+                manifests.append(manifest)
+        return manifests
+
+    # ---- tags and deletion -------------------------------------------------------------------
+    def tag(self, ref: str | AdapterRef, tag: str) -> AdapterRef:
+        """Point movable `tag` at the version `ref` resolves to; `latest` cannot be set by hand."""
+        validate_tag(tag)
+        if tag == "latest":
+            raise InvalidReferenceError(
+                "The tag 'latest' always names the highest version; pick another tag."
+            )
+        resolved = self.resolve(ref)
+        with self._locked(resolved.name) as name_dir:
+            current = self._read_tags(name_dir)
+            current[tag] = resolved.version
+            _write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
+        logger.info("tagged %s as %s@%s", resolved, resolved.name, tag)
+        return resolved
+
+    def delete(self, ref: str | AdapterRef) -> list[AdapterRef]:
+        """Remove one version (`name@3`, `name@tag`) or, for a bare name, every version."""
+        parsed = AdapterRef.parse(ref)
+        targets = (
+            [self.resolve(parsed)]
+            if parsed.version is not None or parsed.tag is not None
+            else [AdapterRef(parsed.name, v) for v in self.versions(parsed.name)]
+        )
+        if not targets:
+            raise AdapterNotFoundError(f"No adapter named {parsed.name!r} in registry {self.root}.")
+        with self._locked(parsed.name) as name_dir:
+            for target in targets:
+                trash = self.root / STAGING / f"{uuid.uuid4().hex}.deleted"
+                os.rename(name_dir / str(target.version), trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            remaining = self._versions_in(name_dir)
+            tags = {t: v for t, v in self._read_tags(name_dir).items() if v in remaining}
+            _write_atomic(name_dir / TAGS_FILE, json.dumps(tags, indent=2, sort_keys=True))
+        logger.info("deleted %s", ", ".join(str(t) for t in targets))
+        return targets
+
+
+def _entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+
+
+def _fsync_file(path: Path) -> None:
+    if path.is_dir():
+        for child in path.iterdir():
+            _fsync_file(child)
+        return
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fmt(versions: list[int]) -> str:
+    return ", ".join(str(v) for v in versions) if versions else "none"
+
+
+def render_card(manifest: Manifest) -> str:
+    """A minimal model card for a version registered without one."""
+    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(manifest.metrics.items())) or "| - | - |"
+    labels = ", ".join(manifest.labels) if manifest.labels else "-"
+    return (
+        f"---\nlibrary_name: peft\nbase_model: {manifest.base.name_or_path}\ntags:\n- adapterdock\n"
+        f"- {manifest.task}\n- {manifest.method}\n---\n\n"
+        f"# {manifest.name} v{manifest.version}\n\n"
+        f"{manifest.description or 'A ' + manifest.task + ' adapter registered with adapterdock.'}\n\n"
+        f"- task: {manifest.task}\n- method: {manifest.method}\n"
+        f"- base: {manifest.base.name_or_path} ({manifest.base.fingerprint})\n- labels: {labels}\n\n"
+        f"| metric | value |\n|---|---|\n{metrics}\n"
+    )

@@ -1,0 +1,41 @@
+"""Session fixtures shared by every test tree: the built-in tiny base (built once) and a fresh registry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hub.bases import BaseInfo, resolve_base
+from hub.store import LocalStore
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def adapterdock_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Point ADAPTERDOCK_CACHE at a session folder so tests never touch ~/.cache."""
+    cache = tmp_path_factory.mktemp("adapterdock-cache")
+    previous = os.environ.get("ADAPTERDOCK_CACHE")
+    os.environ["ADAPTERDOCK_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("ADAPTERDOCK_CACHE", None)
+    else:
+        os.environ["ADAPTERDOCK_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_base(adapterdock_cache: Path) -> BaseInfo:
+    """The built-in tiny Llama, built once per session into the session cache."""
+    return resolve_base("tiny")
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> LocalStore:
+    """An empty local registry in a temporary folder."""
+    return LocalStore(tmp_path / "registry")
