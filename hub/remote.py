@@ -1,0 +1,360 @@
+"""Push adapters to, and pull them from, the Hugging Face Hub or a self-hosted hub speaking the same API.
+
+`HubClient` wraps `huggingface_hub.HfApi` with an injectable endpoint (default `HF_ENDPOINT`, else
+huggingface.co; `HF_TOKEN` respected). One hub repo holds one adapter: its PEFT (or bottleneck, or model)
+files, `manifest.json` and the `README.md` card, so `PeftModel.from_pretrained("org/name")` works against that
+endpoint. Each pushed version is tagged `v<version>` (never moved afterwards) plus the registry's own tags.
+Pull downloads one commit into a temp folder, checks every file against the manifest's sha256 and the base
+fingerprint, then registers it through `LocalStore.put_manifest`: on any failure nothing is registered and
+the temp folder is gone.
+Boundary: the remote side of the registry; no torch. Errors are `HubError`, `HubAuthError`,
+`ChecksumMismatchError`, `BaseMismatchError`, `ManifestError`, each with its remedy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    HfApi,
+    constants,
+    hf_hub_download,
+)
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from hub.errors import (
+    AdapterDockError,
+    BaseMismatchError,
+    ChecksumMismatchError,
+    HubAuthError,
+    HubError,
+    InvalidReferenceError,
+    ManifestError,
+)
+from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest
+from hub.ref import AdapterRef, validate_name
+from hub.store import LocalStore, verify_files
+
+logger = logging.getLogger(__name__)
+
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+_VERSION_TAG = re.compile(r"^v\d+$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+KEEP_ON_REMOTE = (".gitattributes",)
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Return `repo_id` if it reads `namespace/name`.
+
+    Raises:
+        InvalidReferenceError.
+    """
+    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
+        raise InvalidReferenceError(
+            f"Invalid hub repo id {repo_id!r}.", "Hub repos are NAMESPACE/NAME, e.g. acme/sentiment-lora."
+        )
+    return repo_id
+
+
+def split_repo_revision(text: str) -> tuple[str, str | None]:
+    """`org/name@v3` -> (`org/name`, `v3`); `org/name` -> (`org/name`, None)."""
+    repo_id, sep, revision = text.partition("@")
+    if sep and not revision:
+        raise InvalidReferenceError(
+            f"Empty revision in {text!r}.", "Write ORG/NAME@REVISION, e.g. acme/x@v3."
+        )
+    return validate_repo_id(repo_id), (revision or None)
+
+
+class HubClient:
+    """A Hugging Face Hub compatible endpoint: huggingface.co or an `adapterdock hub serve`."""
+
+    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
+        """Connect to a hub (nothing is sent until the first call).
+
+        For any endpoint but huggingface.co this sets `HF_HUB_DISABLE_XET=1` for the whole process, since
+        our service speaks LFS only.
+
+        Args:
+            endpoint: base URL; default `$HF_ENDPOINT`, else https://huggingface.co.
+            token: access token; default `$HF_TOKEN` (or the token saved by `hf auth login`).
+        """
+        self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
+        self.token = token or None
+        if self.endpoint != HF_DEFAULT_ENDPOINT:
+            # huggingface_hub read the env var at import; it checks `constants` at call time.
+            os.environ["HF_HUB_DISABLE_XET"] = "1"
+            constants.HF_HUB_DISABLE_XET = True
+        self.api = HfApi(endpoint=self.endpoint, token=self.token)
+
+    def __repr__(self) -> str:
+        return f"HubClient({self.endpoint!r})"
+
+    # ---- push ----------------------------------------------------------------------------------
+    def push(
+        self,
+        store: LocalStore,
+        ref: str | AdapterRef,
+        repo_id: str,
+        revision: str | None = None,
+        private: bool = False,
+    ) -> str:
+        """Upload one registered version to `repo_id` in one commit and tag it `v<version>`.
+
+        Args:
+            store: the local registry holding `ref`.
+            ref: the adapter version to push (`name`, `name@3`, `name@prod`).
+            repo_id: `namespace/name` on the hub (created if missing).
+            revision: branch to commit to (default `main`; created from main if missing).
+            private: create the repo private (an existing repo keeps its visibility).
+
+        Returns:
+            The commit id the `v<version>` tag points to.
+
+        Raises:
+            ChecksumMismatchError: a local file no longer matches the manifest (nothing is uploaded).
+            HubError: `v<version>` already exists for other content, or the hub refused a request.
+            HubAuthError: the token is missing, wrong, or lacks rights.
+        """
+        repo_id = validate_repo_id(repo_id)
+        stored = store.get(ref, verify=True)
+        manifest = stored.manifest
+        branch = revision or "main"
+        version_tag = f"v{manifest.version}"
+        with self._translate(f"pushing {manifest.ref} to {repo_id}"):
+            self.api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            tags = {t.name: t.target_commit for t in self.api.list_repo_refs(repo_id).tags}
+            if version_tag in tags:
+                commit = self._existing_version(repo_id, tags[version_tag], manifest)
+            else:
+                commit = self._commit_version(repo_id, branch, stored.path, manifest)
+                self.api.create_tag(repo_id, tag=version_tag, revision=commit)
+            for tag, version in sorted(store.tags(manifest.name).items()):
+                if version == manifest.version and tag != "latest" and not _VERSION_TAG.match(tag):
+                    if tags.get(tag) not in (None, commit):
+                        self.api.delete_tag(repo_id, tag=tag)
+                    if tags.get(tag) != commit:
+                        self.api.create_tag(repo_id, tag=tag, revision=commit)
+        logger.info("pushed %s to %s/%s@%s (%s)", manifest.ref, self.endpoint, repo_id, version_tag, commit)
+        return commit
+
+    def _commit_version(self, repo_id: str, branch: str, folder: Path, manifest: Manifest) -> str:
+        if branch != "main":
+            self.api.create_branch(repo_id, branch=branch, exist_ok=True)
+        local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        remote = self.api.list_repo_files(repo_id, revision=branch)
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
+            CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in local
+        ]
+        # The branch shows exactly one version: drop files an earlier version had and this one lacks.
+        operations += [
+            CommitOperationDelete(path_in_repo=rel)
+            for rel in remote
+            if rel not in local and rel not in KEEP_ON_REMOTE
+        ]
+        info = self.api.create_commit(
+            repo_id,
+            operations=operations,
+            commit_message=f"adapterdock: push {manifest.ref}",
+            commit_description=f"{manifest.task} adapter ({manifest.method}) on {manifest.base.name_or_path}",
+            revision=branch,
+        )
+        return info.oid
+
+    def _existing_version(self, repo_id: str, commit: str, manifest: Manifest) -> str:
+        """Accept a `v<N>` tag that already holds this very version; refuse one that holds other content."""
+        remote = self._remote_manifest(repo_id, commit)
+        if remote is not None and remote.name == manifest.name and remote.files == manifest.files:
+            logger.info("%s is already on %s as v%d", manifest.ref, repo_id, manifest.version)
+            return commit
+        raise HubError(
+            f"{repo_id} already has tag v{manifest.version} for other content; version tags never move.",
+            "Push to another repo, or pull the remote adapter and push it as a new local version.",
+        )
+
+    def _remote_manifest(self, repo_id: str, revision: str) -> Manifest | None:
+        with tempfile.TemporaryDirectory(prefix="adapterdock-manifest-") as tmp:
+            try:
+                path = hf_hub_download(
+                    repo_id,
+                    MANIFEST_FILE,
+                    revision=revision,
+                    cache_dir=tmp,
+                    endpoint=self.endpoint,
+                    token=self.token,
+                )
+            except EntryNotFoundError:
+                return None
+            try:
+                return Manifest.load(path)
+            except ManifestError:
+                return None
+
+    # ---- pull ----------------------------------------------------------------------------------
+    def pull(
+        self,
+        repo_id: str,
+        revision: str | None = None,
+        store: LocalStore | None = None,
+        as_name: str | None = None,
+        expected_base: BaseSpec | None = None,
+    ) -> Manifest:
+        """Download one adapter version, verify it and register it locally as a new version.
+
+        Args:
+            repo_id: `namespace/name` on the hub.
+            revision: branch, tag (`v3`) or commit; default `main`.
+            store: the registry to add it to (default: `LocalStore()`).
+            as_name: register under this name instead of the manifest's.
+            expected_base: the base it must have been trained on; None warns that nothing was checked.
+
+        Returns:
+            The manifest as registered (new local version).
+
+        Raises:
+            ChecksumMismatchError, BaseMismatchError, ManifestError, HubError, HubAuthError.
+        """
+        repo_id = validate_repo_id(repo_id)
+        store = store if store is not None else LocalStore()
+        if as_name is not None:
+            validate_name(as_name)
+        where = f"{repo_id}@{revision or 'main'}"
+        with tempfile.TemporaryDirectory(prefix="adapterdock-pull-") as tmp:
+            cache, files_dir = Path(tmp) / "cache", Path(tmp) / "files"
+            with self._translate(f"pulling {where}"):
+                info = self.api.repo_info(repo_id, revision=revision, repo_type="model")
+                commit = info.sha
+                names = {s.rfilename for s in info.siblings or []}
+                if MANIFEST_FILE not in names:
+                    raise ManifestError(
+                        f"{where} has no {MANIFEST_FILE}: it was not pushed by adapterdock.",
+                        "Download it with huggingface_hub and register it with `adapterdock hub import`.",
+                    )
+                manifest = Manifest.load(self._download(repo_id, MANIFEST_FILE, commit, cache))
+                _check_file_names(manifest, where)
+                missing = sorted(set(manifest.files) - names)
+                if missing:
+                    raise ChecksumMismatchError(
+                        f"{where} lacks {', '.join(missing)}, which its manifest lists.",
+                        path=missing[0],
+                        remedy="Push the adapter again; the remote repo is incomplete.",
+                    )
+                for rel in sorted(manifest.files):
+                    target = files_dir / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self._download(repo_id, rel, commit, cache), target)
+            try:
+                verify_files(files_dir, manifest)
+            except ChecksumMismatchError as exc:
+                raise ChecksumMismatchError(
+                    f"Pulled from {where}: {exc.message}",
+                    path=exc.path,
+                    remedy="The remote copy is corrupt; nothing was registered. Push again from a good copy.",
+                ) from exc
+            check_base(manifest, expected_base, source=where)
+            if as_name is not None:
+                manifest = replace(manifest, name=as_name)
+            registered = store.put_manifest(files_dir, manifest)
+        logger.info("pulled %s (commit %s) as %s", where, commit, registered.ref)
+        return registered
+
+    def _download(self, repo_id: str, filename: str, commit: str, cache: Path) -> Path:
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=commit, cache_dir=cache, endpoint=self.endpoint, token=self.token
+            )
+        )
+
+    # ---- errors --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _translate(self, action: str) -> Iterator[None]:
+        """Turn huggingface_hub and transport errors into HubError / HubAuthError with a remedy."""
+        try:
+            yield
+        except AdapterDockError:
+            raise
+        except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:
+            raise _hub_error(action, self.endpoint, exc) from exc
+        except Exception as exc:  # httpx2 transport errors are not OSError
+            if type(exc).__module__.split(".")[0] in ("httpx2", "httpx", "httpcore"):
+                raise HubError(f"{action}: cannot reach {self.endpoint}: {exc}.") from exc
+            raise
+
+
+def _http_cause(exc: BaseException) -> HfHubHTTPError | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, HfHubHTTPError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _hub_error(action: str, endpoint: str, exc: BaseException) -> HubError:
+    if isinstance(exc, OfflineModeIsEnabled):
+        return HubError(f"{action}: offline mode is on.", "Unset HF_HUB_OFFLINE to reach the hub.")
+    http = _http_cause(exc)
+    if http is None:
+        return HubError(f"{action}: cannot reach {endpoint}: {exc}.")
+    status = http.response.status_code if http.response is not None else None
+    server = (http.server_message or "").strip() or str(http).splitlines()[0]
+    if status in (401, 403):
+        return HubAuthError(f"{action}: {endpoint} answered {status}: {server}")
+    if isinstance(http, RepositoryNotFoundError):
+        return HubError(
+            f"{action}: repo not found at {endpoint}.",
+            "Check the repo id and --endpoint; private repos need --token (or HF_TOKEN).",
+        )
+    if isinstance(http, RevisionNotFoundError):
+        return HubError(f"{action}: no such revision.", "Pull a branch, a tag such as v3, or a commit id.")
+    return HubError(f"{action}: {endpoint} answered {status}: {server}")
+
+
+def _check_file_names(manifest: Manifest, source: str) -> None:
+    """Refuse manifests whose file names could write outside the download folder."""
+    for rel in manifest.files:
+        if not rel or "\\" in rel or rel.startswith("/") or any(p in ("", ".", "..") for p in rel.split("/")):
+            raise ManifestError(
+                f"{source}: manifest lists an unsafe file name {rel!r}; nothing was downloaded.",
+                "Only pull adapters from hubs you trust; report the repo to its owner.",
+            )
+
+
+def check_base(manifest: Manifest, expected: BaseSpec | None, source: str) -> None:
+    """Refuse an adapter trained on another base than `expected`; warn when no base was named.
+
+    Raises:
+        BaseMismatchError: the fingerprints differ.
+    """
+    if expected is None:
+        logger.warning(
+            "%s was trained on %s (%s); no base was named, so the base was not checked.",
+            source,
+            manifest.base.name_or_path,
+            manifest.base.fingerprint,
+        )
+        return
+    if expected.fingerprint != manifest.base.fingerprint:
+        raise BaseMismatchError(
+            f"{source} was trained on {manifest.base.name_or_path} ({manifest.base.fingerprint}), "
+            f"not on {expected.name_or_path} ({expected.fingerprint}). Nothing was registered.",
+            "Pull it for the base it was trained on, or name that base with --base.",
+        )
