@@ -1,0 +1,354 @@
+"""The adapter residency cache: which adapters sit in the engine's slots, and who is using them.
+
+Boundary: bookkeeping over opaque adapters, keyed by the immutable `name@version`. It calls a blocking
+`load` callable (given per request) and the `unload` callable (given once) on worker threads, never on the
+event loop, and knows nothing about HTTP, manifests or tensors.
+
+Guarantees:
+- bounded by count (`max_adapters`) and, optionally, bytes (`max_bytes`), evicting the least recently used
+  idle, unpinned adapter first;
+- an adapter leased by an in-flight request (`acquire` ... `release`) is never evicted; pinned ones neither;
+- concurrent first requests for one cold adapter share one load (single flight), and a load never blocks
+  requests for other adapters;
+- when every slot is pinned or leased, loads wait first come first served, at most `wait_timeout` seconds,
+  then fail with `AdapterBusyError`;
+- a failed load (a corrupt adapter) is never cached.
+
+All methods run on one event loop; state changes happen between awaits, so no lock is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheEntry:
+    """A resident adapter."""
+
+    key: str
+    adapter: Any
+    nbytes: int
+    stamp: str = ""
+    """Identifies the registered files (the manifest's created_at): a re-registered version reloads."""
+    leases: int = 0
+    pinned: bool = False
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Loading:
+    """A load in progress and the requests waiting on it (their leases start when it lands)."""
+
+    nbytes: int
+    stamp: str
+    waiters: int = 0
+    task: asyncio.Task | None = None
+
+
+@dataclass
+class _Waiter:
+    event: asyncio.Event
+
+
+class AdapterCache:
+    """LRU residency of adapters with pins, leases and single-flight loads.
+
+    Args:
+        unload: blocking callable that frees an adapter's slot (run on a worker thread).
+        max_adapters: most adapters resident (or loading) at once.
+        max_bytes: most bytes of resident adapters; None for no byte limit.
+        wait_timeout: seconds a load waits for a slot when all are pinned or in use.
+    """
+
+    def __init__(
+        self,
+        unload: Callable[[Any], None],
+        *,
+        max_adapters: int,
+        max_bytes: int | None = None,
+        wait_timeout: float = 30.0,
+    ) -> None:
+        if max_adapters < 1:
+            raise ValueError("max_adapters must be at least 1")
+        self._unload = unload
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        self.wait_timeout = wait_timeout
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self._loading: dict[str, _Loading] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._reserved_slots = 0
+        self._reserved_bytes = 0
+        self._stats = {
+            "hits": 0,
+            "misses": 0,
+            "coalesced": 0,
+            "loads": 0,
+            "load_failures": 0,
+            "evictions": 0,
+            "load_seconds_total": 0.0,
+        }
+
+    # ---- leases --------------------------------------------------------------------------------
+    async def acquire(
+        self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
+    ) -> Any:
+        """Return the adapter for `key`, loading it if needed, with a lease the caller must `release`.
+
+        Args:
+            key: immutable `name@version`.
+            load: blocking callable returning the loaded adapter (must have `.nbytes`); run on a thread.
+            nbytes_hint: expected bytes, to make room before loading.
+            stamp: identity of the registered files; a resident entry with another stamp is reloaded.
+
+        Raises:
+            whatever `load` raises (nothing is cached then), AdapterBusyError, AdapterTooLargeError.
+        """
+        entry = self._entries.get(key)
+        if entry is not None and entry.stamp != stamp:
+            await self._drop_stale(entry)
+            entry = None
+        if entry is not None:
+            entry.leases += 1
+            entry.last_used = time.time()
+            self._entries.move_to_end(key)
+            self._stats["hits"] += 1
+            return entry.adapter
+        record = self._loading.get(key)
+        if record is None:
+            self._stats["misses"] += 1
+            record = _Loading(nbytes=nbytes_hint, stamp=stamp)
+            record.task = asyncio.create_task(self._load(key, record, load))
+            record.task.add_done_callback(_consume_exception)
+            self._loading[key] = record
+        else:
+            self._stats["coalesced"] += 1
+        record.waiters += 1
+        task = record.task
+        assert task is not None
+        try:
+            entry = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.release(key)  # the lease was handed to us as the load landed
+            elif not task.done():
+                record.waiters -= 1
+            raise
+        return entry.adapter
+
+    def release(self, key: str) -> None:
+        """End one lease on `key`; the adapter becomes evictable when its last lease ends."""
+        entry = self._entries.get(key)
+        if entry is None or entry.leases <= 0:
+            logger.warning("release of %s without a lease", key)
+            return
+        entry.leases -= 1
+        entry.last_used = time.time()
+        if entry.leases == 0:
+            self._wake_head()
+
+    @asynccontextmanager
+    async def leased(
+        self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
+    ) -> AsyncIterator[Any]:
+        """`async with cache.leased(key, load) as adapter:` acquire ... release."""
+        adapter = await self.acquire(key, load, nbytes_hint=nbytes_hint, stamp=stamp)
+        try:
+            yield adapter
+        finally:
+            self.release(key)
+
+    # ---- pins and unloads ----------------------------------------------------------------------
+    async def pin(
+        self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
+    ) -> CacheEntry:
+        """Load `key` if needed and keep it resident until `unpin` or `unload`."""
+        await self.acquire(key, load, nbytes_hint=nbytes_hint, stamp=stamp)
+        entry = self._entries[key]
+        if not entry.pinned:
+            entry.pinned = True
+            logger.info("pinned adapter %s", key)
+        self.release(key)
+        return entry
+
+    def unpin(self, key: str) -> bool:
+        """Let `key` be evicted again; False if it was not pinned."""
+        entry = self._entries.get(key)
+        if entry is None or not entry.pinned:
+            return False
+        entry.pinned = False
+        logger.info("unpinned adapter %s", key)
+        self._wake_head()
+        return True
+
+    async def unload(self, key: str) -> bool:
+        """Evict `key` now (pinned or not); False if it was not resident.
+
+        Raises:
+            AdapterInUseError: requests still hold leases on it.
+        """
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.leases:
+            raise AdapterInUseError(f"Adapter {key} is in use by {entry.leases} in-flight request(s).")
+        del self._entries[key]
+        await asyncio.to_thread(self._unload, entry.adapter)
+        logger.info("unloaded adapter %s on request", key)
+        self._wake_head()
+        return True
+
+    # ---- views ---------------------------------------------------------------------------------
+    def get(self, key: str) -> CacheEntry | None:
+        """The resident entry for `key`, if any (no lease taken)."""
+        return self._entries.get(key)
+
+    def entries(self) -> list[CacheEntry]:
+        """Resident entries, least recently used first."""
+        return list(self._entries.values())
+
+    def is_loading(self, key: str) -> bool:
+        return key in self._loading
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters (hits, misses, coalesced, loads, load_failures, evictions, load_seconds_total)
+        and gauges (resident, resident_bytes, pinned, in_use, loading, waiting)."""
+        entries = self._entries.values()
+        return {
+            **self._stats,
+            "resident": len(self._entries),
+            "resident_bytes": sum(e.nbytes for e in entries),
+            "pinned": sum(e.pinned for e in entries),
+            "in_use": sum(e.leases > 0 for e in entries),
+            "loading": len(self._loading),
+            "waiting": len(self._waiters),
+            "max_adapters": self.max_adapters,
+            "max_bytes": self.max_bytes,
+        }
+
+    # ---- internals -----------------------------------------------------------------------------
+    async def _load(self, key: str, record: _Loading, load: Callable[[], Any]) -> CacheEntry:
+        reserved = False
+        try:
+            victims = await self._reserve(key, record.nbytes)
+            reserved = True
+            for victim in victims:
+                await asyncio.to_thread(self._unload, victim.adapter)
+                self._stats["evictions"] += 1
+                logger.info("evicted adapter %s (least recently used) to make room for %s", victim.key, key)
+            started = time.perf_counter()
+            adapter = await asyncio.to_thread(load)
+            seconds = time.perf_counter() - started
+        except BaseException as exc:
+            self._stats["load_failures"] += 1
+            logger.info("refused adapter %s: %s", key, exc)
+            raise
+        finally:
+            if reserved:
+                self._reserved_slots -= 1
+                self._reserved_bytes -= record.nbytes
+            self._loading.pop(key, None)
+            self._wake_head()
+        entry = CacheEntry(
+            key=key,
+            adapter=adapter,
+            nbytes=int(getattr(adapter, "nbytes", record.nbytes) or 0),
+            stamp=record.stamp,
+            leases=record.waiters,
+        )
+        self._entries[key] = entry
+        self._stats["loads"] += 1
+        self._stats["load_seconds_total"] += seconds
+        logger.info("loaded adapter %s (%d bytes) in %.3fs", key, entry.nbytes, seconds)
+        return entry
+
+    async def _reserve(self, key: str, nbytes: int) -> list[CacheEntry]:
+        """Claim a slot (and bytes) for a load, evicting idle entries; wait FIFO when none can go."""
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise AdapterTooLargeError(
+                f"Adapter {key} needs {nbytes} bytes; the adapter memory budget is {self.max_bytes}."
+            )
+        if not self._waiters:
+            victims = self._try_reserve(nbytes)
+            if victims is not None:
+                return victims
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        waiter = _Waiter(asyncio.Event())
+        self._waiters.append(waiter)
+        try:
+            while True:
+                if self._waiters[0] is waiter:
+                    victims = self._try_reserve(nbytes)
+                    if victims is not None:
+                        return victims
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise AdapterBusyError(
+                        f"No adapter slot for {key} freed up within {self.wait_timeout:g}s: all "
+                        f"{self.max_adapters} slots are pinned or serving requests."
+                    )
+                waiter.event.clear()
+                try:
+                    await asyncio.wait_for(waiter.event.wait(), remaining)
+                except TimeoutError:
+                    pass
+        finally:
+            self._waiters.remove(waiter)
+            self._wake_head()
+
+    def _try_reserve(self, nbytes: int) -> list[CacheEntry] | None:
+        """Reserve room now, returning the entries to evict (already removed), or None if it cannot."""
+        count = len(self._entries) + self._reserved_slots
+        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+        idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned]
+        victims: list[CacheEntry] = []
+        while count + 1 > self.max_adapters or (
+            self.max_bytes is not None and used + nbytes > self.max_bytes
+        ):
+            if not idle:
+                return None
+            victim = idle.pop(0)
+            victims.append(victim)
+            count -= 1
+            used -= victim.nbytes
+        for victim in victims:
+            del self._entries[victim.key]
+        self._reserved_slots += 1
+        self._reserved_bytes += nbytes
+        return victims
+
+    async def _drop_stale(self, entry: CacheEntry) -> None:
+        if entry.leases:
+            raise AdapterBusyError(
+                f"Adapter {entry.key} was re-registered while requests still use the old copy.",
+                "Retry when they finish.",
+            )
+        del self._entries[entry.key]
+        await asyncio.to_thread(self._unload, entry.adapter)
+        logger.info("evicted adapter %s: its registered files changed", entry.key)
+        self._wake_head()
+
+    def _wake_head(self) -> None:
+        if self._waiters:
+            self._waiters[0].event.set()
+
+
+def _consume_exception(task: asyncio.Task) -> None:
+    """Mark a load's failure as seen even when every waiter has gone away."""
+    if not task.cancelled():
+        task.exception()

@@ -1,0 +1,145 @@
+"""`adapterdock serve`: start the inference server (also `python -m server`).
+
+Boundary: flags -> `ServerConfig` -> `create_app` -> uvicorn. Flag help comes from the config's field
+docstrings, so the two never drift apart.
+
+Example:
+    adapterdock serve --base tiny --quantize none --registry adapters --port 8000 --preload sentiment@prod
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hub.errors import AdapterDockError
+from server.config import LOG_LEVELS, QUANTIZE_CHOICES, ServerConfig
+
+EPILOG = """\
+example:
+  adapterdock serve --base tiny --quantize none --registry adapters --port 8000 --preload sentiment@prod
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "my-instruct", "prompt": "Hello", "max_tokens": 16}'
+
+environment: ADAPTERDOCK_API_KEY (instead of --api-key), ADAPTERDOCK_RATER_TOKEN (instead of --rater-token),
+HF_TOKEN (token for --hub), ADAPTERDOCK_REGISTRY.
+docs/server.md lists every endpoint."""
+
+
+def _field_docs() -> dict[str, str]:
+    """Field name -> the docstring under it in `ServerConfig`."""
+    tree = ast.parse(inspect.getsource(ServerConfig))
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    docs, d = _field_docs(), ServerConfig()
+    parser = argparse.ArgumentParser(
+        prog="adapterdock serve",
+        description="Serve one base model with many adapters swapped per request "
+        "(OpenAI-, LoRAX/TGI-compatible and task endpoints).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+    def add(flag: str, field: str, **kwargs: object) -> None:
+        default = kwargs.pop("default", getattr(d, field))
+        parser.add_argument(
+            flag, dest=field, default=default, help=f"{docs[field]} (default: {default})", **kwargs
+        )
+
+    add("--base", "base")
+    add("--quantize", "quantize", choices=QUANTIZE_CHOICES)
+    add("--registry", "registry", type=Path)
+    add("--hub", "hub", metavar="URL")
+    add("--host", "host")
+    add("--port", "port", type=int)
+    add("--max-adapters", "max_adapters", type=int, metavar="N")
+    add("--max-adapter-memory", "max_adapter_memory_mb", type=float, metavar="MB")
+    add("--max-rank", "max_rank", type=int, metavar="R")
+    add("--preload", "preload", nargs="+", action="extend", metavar="REF", default=[])
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", dest="api_key", default=None, help=docs["api_key"])
+    keys.add_argument("--api-key-file", dest="api_key_file", type=Path, default=None,
+                      help="File whose first line is the API key (keeps it out of `ps`).")  # fmt: skip
+    raters = parser.add_mutually_exclusive_group()
+    raters.add_argument("--rater-token", dest="rater_token", default=None, help=docs["rater_token"])
+    raters.add_argument("--rater-token-file", dest="rater_token_file", type=Path, default=None,
+                        help="File whose first line is the rater token (keeps it out of `ps`).")  # fmt: skip
+    add("--feedback-db", "feedback_db", type=Path, metavar="FILE")
+    add("--max-batch-size", "max_batch_size", type=int, metavar="N")
+    add("--max-queue", "max_queue", type=int, metavar="N")
+    add("--max-input-tokens", "max_input_tokens", type=int, metavar="N")
+    add("--max-new-tokens", "max_new_tokens", type=int, metavar="N")
+    add("--max-inputs-per-request", "max_inputs_per_request", type=int, metavar="N")
+    add("--max-body-bytes", "max_body_bytes", type=int, metavar="BYTES")
+    add("--adapter-wait-timeout", "adapter_wait_timeout", type=float, metavar="SECONDS")
+    add("--log-level", "log_level", choices=LOG_LEVELS)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The validated `ServerConfig` for parsed flags (plus the environment's keys)."""
+    api_key = args.api_key
+    if args.api_key_file is not None:
+        lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
+        api_key = lines[0].strip() if lines else ""
+    if api_key is None:
+        api_key = os.environ.get("ADAPTERDOCK_API_KEY") or None
+    rater_token = args.rater_token
+    if args.rater_token_file is not None:
+        lines = args.rater_token_file.read_text(encoding="utf-8").splitlines()
+        rater_token = lines[0].strip() if lines else ""
+    if rater_token is None:
+        rater_token = os.environ.get("ADAPTERDOCK_RATER_TOKEN") or None
+    values = {k: v for k, v in vars(args).items() if k not in ("api_key_file", "rater_token_file")}
+    values.update(
+        api_key=api_key,
+        rater_token=rater_token,
+        preload=tuple(args.preload),
+        hub_token=os.environ.get("HF_TOKEN"),
+    )
+    return ServerConfig(**values).validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags and run the server until interrupted; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:  # `python -m server serve ...` reads like the console script
+        argv = argv[1:]
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except (AdapterDockError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    level = getattr(logging, config.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        timeout_graceful_shutdown=15,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The server's configuration: one dataclass, the single source of every `adapterdock serve` default.
+
+Boundary: plain data and its validation. `server.cli` turns flags into a `ServerConfig`; `server.app` reads
+it. Nothing here loads a model or opens a socket.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.errors import ServerConfigError
+
+QUANTIZE_CHOICES = ("nf4", "int8", "none")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass
+class ServerConfig:
+    """How one server process runs: its base, registry, limits and access."""
+
+    base: str = "tiny"
+    """Base model: built-in name (tiny, small), local HF folder, `registry:NAME[@v]`, or cached HF id."""
+    quantize: str = "nf4"
+    """Weight quantization of the base: nf4 (4-bit), int8, or none (full precision)."""
+    registry: Path | None = None
+    """Local registry folder; None uses $ADAPTERDOCK_REGISTRY or ./adapters."""
+    hub: str | None = None
+    """Remote hub URL to pull adapters from on a local miss; None never contacts a hub."""
+    hub_token: str | None = field(default=None, repr=False)
+    """Token for the remote hub (the CLI reads it from $HF_TOKEN); never logged."""
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 8000
+    """TCP port to listen on."""
+    max_adapters: int = 16
+    """Adapters resident at once (engine slots); more are loaded and evicted LRU."""
+    max_adapter_memory_mb: float | None = None
+    """Cap on resident adapter weights in MiB; None caps by count only."""
+    max_rank: int = 64
+    """Highest LoRA rank the engine accepts."""
+    preload: tuple[str, ...] = ()
+    """Adapter references loaded (and pinned) at start; a failure stops the start."""
+    api_key: str | None = field(default=None, repr=False)
+    """Bearer key every endpoint but /health requires; None disables auth."""
+    rater_token: str | None = field(default=None, repr=False)
+    """Separate bearer token that opens only the human feedback rating page and endpoints; never logged."""
+    feedback_db: Path | None = None
+    """Human feedback database (answer pairs and judgements); None uses <registry>/feedback.sqlite."""
+    max_batch_size: int = 16
+    """Most sequences one forward pass serves."""
+    max_queue: int = 256
+    """Most requests waiting for the scheduler; beyond it requests get 503 with Retry-After."""
+    max_input_tokens: int = 768
+    """Longest prompt (or task input) in tokens; longer ones get 400."""
+    max_new_tokens: int = 256
+    """Largest `max_tokens` / `max_new_tokens` a request may ask for; larger get 400."""
+    default_max_tokens: int = 16
+    """Tokens generated when a request does not say (OpenAI's default), capped by max_new_tokens."""
+    max_inputs_per_request: int = 64
+    """Most texts (or prompts) in one request body."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body in bytes; larger get 413."""
+    adapter_wait_timeout: float = 30.0
+    """Seconds a request waits for an adapter slot when every slot is pinned or in use (then 503)."""
+    log_level: str = "info"
+    """Logging level of the server and uvicorn."""
+
+    @property
+    def max_adapter_bytes(self) -> int | None:
+        """`max_adapter_memory_mb` in bytes."""
+        if self.max_adapter_memory_mb is None:
+            return None
+        return int(self.max_adapter_memory_mb * 1024 * 1024)
+
+    def validate(self) -> ServerConfig:
+        """Check every field and report all problems at once.
+
+        Raises:
+            ServerConfigError: listing each invalid field.
+        """
+        problems: list[str] = []
+        if self.quantize not in QUANTIZE_CHOICES:
+            problems.append(f"quantize={self.quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            problems.append(f"log_level={self.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port={self.port} is not in 0..65535")
+        for name in (
+            "max_adapters",
+            "max_rank",
+            "max_batch_size",
+            "max_queue",
+            "max_input_tokens",
+            "max_new_tokens",
+            "default_max_tokens",
+            "max_inputs_per_request",
+            "max_body_bytes",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.max_adapter_memory_mb is not None and self.max_adapter_memory_mb <= 0:
+            problems.append(f"max_adapter_memory_mb={self.max_adapter_memory_mb} must be positive")
+        if self.adapter_wait_timeout <= 0:
+            problems.append(f"adapter_wait_timeout={self.adapter_wait_timeout} must be positive")
+        if self.api_key is not None and not self.api_key.strip():
+            problems.append("api_key is empty")
+        if self.rater_token is not None and not self.rater_token.strip():
+            problems.append("rater_token is empty")
+        if self.rater_token and self.rater_token == self.api_key:
+            problems.append("rater_token equals api_key; raters would get full access")
+        if problems:
+            raise ServerConfigError("Invalid server configuration: " + "; ".join(problems) + ".")
+        return self

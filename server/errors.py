@@ -1,0 +1,221 @@
+"""The server's own errors, and the one place where any error becomes an HTTP response.
+
+Boundary: the library layers (hub, resolver, cache, scheduler, engine) raise typed errors with
+remedies; this module maps them to statuses and OpenAI's error body
+`{"error": {"message", "type", "code"}}`. No route builds an error body by hand, and no request ever
+gets a bare 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hub.errors import (
+    AdapterDockError,
+    AdapterNotFoundError,
+    BaseMismatchError,
+    BaseNotFoundError,
+    ChecksumMismatchError,
+    CorruptAdapterError,
+    HubAuthError,
+    HubError,
+    InvalidReferenceError,
+    ManifestError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ServerConfigError(AdapterDockError, ValueError):
+    """Invalid `adapterdock serve` settings."""
+
+    default_remedy = "Fix the listed settings; `adapterdock serve --help` describes each."
+
+
+class WrongTaskError(AdapterDockError, ValueError):
+    """An adapter sent to an endpoint that does not serve its task."""
+
+
+class FullModelError(AdapterDockError, ValueError):
+    """A full fine-tuned model named where a swappable adapter is expected."""
+
+
+class InputTooLongError(AdapterDockError, ValueError):
+    """A request over one of the server's size limits (tokens, inputs, max_tokens)."""
+
+
+class InvalidInputError(AdapterDockError, ValueError):
+    """Request input that is well-formed JSON but cannot be served (token ids outside the vocabulary, ...)."""
+
+
+class UnsupportedParameterError(AdapterDockError, ValueError):
+    """A request parameter this server does not implement, set to a value that would change the result."""
+
+    default_remedy = "Leave the parameter unset; docs/server.md lists what each endpoint honours."
+
+
+class AdapterBusyError(AdapterDockError, RuntimeError):
+    """No adapter slot freed up within the wait limit: every slot is pinned or serving requests."""
+
+    default_remedy = "Retry shortly, unpin adapters, or start the server with a larger --max-adapters."
+
+
+class AdapterInUseError(AdapterDockError, RuntimeError):
+    """An unload asked for an adapter that in-flight requests still use."""
+
+    default_remedy = "Retry when its requests have finished."
+
+
+class AdapterTooLargeError(AdapterDockError, MemoryError):
+    """One adapter larger than the whole adapter memory budget."""
+
+    default_remedy = "Start the server with a larger --max-adapter-memory."
+
+
+class HubNotConfiguredError(AdapterDockError, LookupError):
+    """A request for a hub adapter on a server started without --hub."""
+
+    default_remedy = "Start the server with --hub URL, or register the adapter locally."
+
+
+class NotReadyError(AdapterDockError, RuntimeError):
+    """The base model is not loaded yet, or the server is shutting down."""
+
+    default_remedy = "Retry after a few seconds; GET /ready says when the server serves."
+
+
+class AuthenticationError(AdapterDockError, PermissionError):
+    """A missing or wrong API key."""
+
+    default_remedy = "Send `Authorization: Bearer <key>` with the key the server was started with."
+
+
+class BodyTooLargeError(AdapterDockError, ValueError):
+    """A request body over --max-body-bytes."""
+
+    default_remedy = "Send fewer or shorter inputs per request."
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    """How one error class looks on the wire."""
+
+    status: int
+    code: str
+    type: str = "invalid_request_error"
+    retry_after: int | None = None
+
+
+# Most specific first: the first class in an error's MRO found here decides.
+_SPECS: dict[type[BaseException], ErrorSpec] = {
+    AuthenticationError: ErrorSpec(401, "invalid_api_key", "authentication_error"),
+    InvalidReferenceError: ErrorSpec(400, "invalid_reference"),
+    AdapterNotFoundError: ErrorSpec(404, "adapter_not_found"),
+    BaseNotFoundError: ErrorSpec(404, "base_not_found"),
+    BaseMismatchError: ErrorSpec(409, "base_mismatch"),
+    FullModelError: ErrorSpec(409, "adapter_is_full_model"),
+    AdapterInUseError: ErrorSpec(409, "adapter_in_use"),
+    WrongTaskError: ErrorSpec(400, "wrong_task"),
+    InputTooLongError: ErrorSpec(400, "input_too_long"),
+    InvalidInputError: ErrorSpec(400, "invalid_input"),
+    UnsupportedParameterError: ErrorSpec(400, "unsupported_parameter"),
+    AdapterTooLargeError: ErrorSpec(400, "adapter_too_large"),
+    HubNotConfiguredError: ErrorSpec(400, "hub_not_configured"),
+    BodyTooLargeError: ErrorSpec(413, "body_too_large"),
+    ChecksumMismatchError: ErrorSpec(422, "corrupt_adapter"),
+    CorruptAdapterError: ErrorSpec(422, "corrupt_adapter"),
+    ManifestError: ErrorSpec(422, "corrupt_adapter"),
+    AdapterBusyError: ErrorSpec(503, "adapter_slots_busy", "server_overloaded", retry_after=1),
+    NotReadyError: ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
+    HubAuthError: ErrorSpec(502, "hub_auth_failed", "server_error"),
+    HubError: ErrorSpec(502, "hub_unavailable", "server_error"),
+    ServerConfigError: ErrorSpec(500, "server_misconfigured", "server_error"),
+}
+# Errors defined by the scheduler are matched by name, so this module does not import the compute stack.
+_SPECS_BY_NAME: dict[str, ErrorSpec] = {
+    "QueueFullError": ErrorSpec(503, "queue_full", "server_overloaded", retry_after=1),
+    "SchedulerStoppedError": ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
+    "EngineCapacityError": ErrorSpec(503, "engine_full", "server_overloaded", retry_after=1),
+    "SequenceTooLongError": ErrorSpec(400, "input_too_long"),
+}
+_INTERNAL = ErrorSpec(500, "internal_error", "server_error")
+
+
+def spec_for(exc: BaseException) -> ErrorSpec:
+    """The wire spec of `exc`: by class, then by builtin family, else a 500."""
+    for cls in type(exc).__mro__:
+        if cls in _SPECS:
+            return _SPECS[cls]
+        if cls.__name__ in _SPECS_BY_NAME:
+            return _SPECS_BY_NAME[cls.__name__]
+    if isinstance(exc, AdapterDockError):
+        if isinstance(exc, LookupError):
+            return ErrorSpec(404, "not_found")
+        if isinstance(exc, ValueError):
+            return ErrorSpec(400, "invalid_request")
+    return _INTERNAL
+
+
+def error_body(message: str, *, type_: str, code: str) -> dict:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": type_, "code": code, "param": None}}
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The HTTP response for `exc`; internal errors are logged with their traceback, never sent."""
+    spec = spec_for(exc)
+    if spec is _INTERNAL:
+        logger.exception("internal error while serving a request", exc_info=exc)
+        message = "Internal server error; the server log has the details."
+    else:
+        message = str(exc)
+    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
+    if spec.status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    return JSONResponse(
+        error_body(message, type_=spec.type, code=spec.code), status_code=spec.status, headers=headers
+    )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "Malformed request: " + "; ".join(parts[:10]) + ("; ..." if len(parts) > 10 else "")
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(
+        error_body(_validation_message(exc), type_="invalid_request_error", code="invalid_body"),
+        status_code=422,
+    )
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+    code = codes.get(exc.status_code, "http_error")
+    type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    return JSONResponse(
+        error_body(str(exc.detail), type_=type_, code=code),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _on_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception a request can raise through `error_response`."""
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(AdapterDockError, _on_error)
+    app.add_exception_handler(Exception, _on_error)

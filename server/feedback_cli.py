@@ -1,0 +1,409 @@
+"""`adapterdock feedback`: turn collected human judgements into training data, and summarise them.
+
+    adapterdock feedback export --out pairs.jsonl [--registry DIR | --db FILE] [--adapter REF]
+                                [--since DATE] [--min-agreement X]
+    adapterdock feedback stats [--registry DIR | --db FILE] [--adapter REF] [--since DATE] [--json]
+
+`export` writes one JSONL row per decided pair, `{"prompt", "chosen", "rejected", ...}` with
+provenance fields beside them (pair_id, chosen_model, rejected_model, votes, agreement); that is the
+format `adapterdock train dpo` and `adapterdock train reward` read as is (they ignore extra fields).
+With several raters a pair's verdict is the majority choice (no strict majority: left out); ties,
+both-bad verdicts, majorities under --min-agreement and identical answers are left out and counted.
+`stats` prints pairs, judgements, raters, rater agreement and the win rate of each adapter against
+the others (ties count half). Boundary: reads the feedback database only; no server, no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from hub.errors import AdapterDockError
+from hub.ref import AdapterRef
+from hub.store import LocalStore
+from server.feedback_store import DB_FILE, FeedbackStore, Judgement, Pair
+
+EPILOG = """\
+examples:
+  adapterdock feedback stats --registry adapters
+  adapterdock feedback export --registry adapters --out pairs.jsonl --min-agreement 0.6
+  adapterdock train dpo --base tiny --data pairs.jsonl --name chat-dpo --from chat@prod
+
+docs/feedback.md walks through the whole loop."""
+
+
+class FeedbackCliError(AdapterDockError, ValueError):
+    """A bad `adapterdock feedback` option value."""
+
+    default_remedy = "See `adapterdock feedback export --help`."
+
+
+def echo(text: str = "", *, err: bool = False) -> None:
+    """The command's output (stdout, or stderr for errors and warnings)."""
+    print(text, file=sys.stderr if err else sys.stdout)  # noqa: T201 - a CLI module
+
+
+# ---- aggregation ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """What the raters of one pair decided together."""
+
+    pair: Pair
+    votes: dict[str, int]
+    """Judgements per choice (a, b, tie, both_bad)."""
+    choice: str | None
+    """The majority choice; None without a strict majority (or without judgements)."""
+    agreement: float
+    """Share of the pair's judgements that went to `choice` (0 when there is none)."""
+
+
+@dataclass
+class ExportReport:
+    """How many pairs went where; every pair considered lands in exactly one count."""
+
+    considered: int = 0
+    exported: int = 0
+    unjudged: int = 0
+    ties: int = 0
+    both_bad: int = 0
+    no_majority: int = 0
+    under_agreement: int = 0
+    identical: int = 0
+    agreement: dict[str, Any] = field(default_factory=dict)
+
+
+def verdict(pair: Pair, judgements: Iterable[Judgement]) -> Verdict:
+    """The majority verdict of `judgements` on `pair`."""
+    votes = Counter(j.choice for j in judgements)
+    total = sum(votes.values())
+    ranked = votes.most_common()
+    if not ranked or (len(ranked) > 1 and ranked[0][1] == ranked[1][1]):
+        return Verdict(pair, dict(votes), None, 0.0)
+    choice, count = ranked[0]
+    return Verdict(pair, dict(votes), choice, count / total)
+
+
+def rater_agreement(verdicts: Iterable[Verdict]) -> dict[str, Any]:
+    """Agreement over pairs judged by at least two raters.
+
+    `pairwise`: share of rater pairs (on the same answer pair) who made the same choice.
+    `fleiss_kappa`: Fleiss' kappa over the four choices, with a varying number of raters per pair;
+    None when it is undefined (no pair with two raters, or every judgement the same choice).
+    """
+    shared = [v for v in verdicts if sum(v.votes.values()) >= 2]
+    if not shared:
+        return {"pairs": 0, "pairwise": None, "fleiss_kappa": None}
+    agreeing = total = 0
+    per_item: list[float] = []
+    overall: Counter[str] = Counter()
+    for v in shared:
+        n = sum(v.votes.values())
+        same = sum(c * (c - 1) for c in v.votes.values())
+        agreeing += same // 2
+        total += n * (n - 1) // 2
+        per_item.append(same / (n * (n - 1)))
+        overall.update(v.votes)
+    mean_item = sum(per_item) / len(per_item)
+    votes = sum(overall.values())
+    expected = sum((c / votes) ** 2 for c in overall.values())
+    kappa = None if expected >= 1.0 else (mean_item - expected) / (1.0 - expected)
+    return {"pairs": len(shared), "pairwise": agreeing / total, "fleiss_kappa": kappa}
+
+
+def export_rows(verdicts: list[Verdict], min_agreement: float = 0.0) -> tuple[list[dict], ExportReport]:
+    """Preference rows for the decided pairs, and the counts of what was left out (and why)."""
+    report = ExportReport(considered=len(verdicts), agreement=rater_agreement(verdicts))
+    rows = []
+    for v in verdicts:
+        if not v.votes:
+            report.unjudged += 1
+        elif v.choice is None:
+            report.no_majority += 1
+        elif v.choice == "tie":
+            report.ties += 1
+        elif v.choice == "both_bad":
+            report.both_bad += 1
+        elif v.agreement < min_agreement:
+            report.under_agreement += 1
+        elif v.pair.answer_a.strip() == v.pair.answer_b.strip():
+            report.identical += 1
+        else:
+            rows.append(_row(v))
+    report.exported = len(rows)
+    return rows, report
+
+
+def _row(v: Verdict) -> dict[str, Any]:
+    pair = v.pair
+    won_a = v.choice == "a"
+    return {
+        "prompt": pair.prompt,
+        "chosen": pair.answer_a if won_a else pair.answer_b,
+        "rejected": pair.answer_b if won_a else pair.answer_a,
+        "pair_id": pair.pair_id,
+        "chosen_model": pair.model_a if won_a else pair.model_b,
+        "rejected_model": pair.model_b if won_a else pair.model_a,
+        "votes": v.votes,
+        "agreement": round(v.agreement, 4),
+    }
+
+
+def win_rates(verdicts: Iterable[Verdict]) -> dict[str, Any]:
+    """Per model (`name@version`): wins, losses, ties, both_bad and win rate over judgements of
+    pairs between two different models (ties count half; both_bad is left out of the rate), the
+    head-to-head records, and how many judgements compared two samples of one model."""
+    models: dict[str, Counter[str]] = {}
+    heads: dict[tuple[str, str], Counter[str]] = {}
+    same_model: Counter[str] = Counter()
+    for v in verdicts:
+        a, b = v.pair.model_a, v.pair.model_b
+        if a == b:
+            same_model[a] += sum(v.votes.values())
+            continue
+        first, second = sorted((a, b))
+        head = heads.setdefault((first, second), Counter())
+        for choice, count in v.votes.items():
+            winner = {"a": a, "b": b}.get(choice)
+            for model in (a, b):
+                outcome = choice if winner is None else ("wins" if model == winner else "losses")
+                models.setdefault(model, Counter())[outcome] += count
+            head[choice if winner is None else f"{winner} wins"] += count
+    table = {}
+    for model, c in sorted(models.items()):
+        decided = c["wins"] + c["losses"] + c["tie"]
+        rate = (c["wins"] + 0.5 * c["tie"]) / decided if decided else None
+        table[model] = {
+            "wins": c["wins"], "losses": c["losses"], "ties": c["tie"], "both_bad": c["both_bad"],
+            "win_rate": rate,
+        }  # fmt: skip
+    head_to_head = [
+        {
+            "models": [first, second],
+            "wins": [c[f"{first} wins"], c[f"{second} wins"]],
+            "ties": c["tie"],
+            "both_bad": c["both_bad"],
+        }
+        for (first, second), c in sorted(heads.items())
+    ]
+    return {"models": table, "head_to_head": head_to_head, "same_model_judgements": dict(same_model)}
+
+
+# ---- selection --------------------------------------------------------------------------------
+def parse_since(text: str) -> str:
+    """An ISO date or date-time (naive means UTC) as the database's timestamp format.
+
+    Raises:
+        FeedbackCliError: text that is not an ISO date.
+    """
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise FeedbackCliError(
+            f"--since {text!r} is not an ISO date (e.g. 2026-11-27 or 2026-11-27T09:30)."
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def adapter_filter(text: str, registry: Path | None) -> tuple[str, int | None]:
+    """(name, version or None for any) of `--adapter`; a tag is resolved in the registry."""
+    ref = AdapterRef.parse(text)
+    if ref.tag is not None:
+        ref = LocalStore(registry).resolve(ref)
+    return ref.name, ref.version
+
+
+def select(store: FeedbackStore, args: argparse.Namespace) -> list[Verdict]:
+    """Verdicts of the pairs the options select (oldest first)."""
+    since = parse_since(args.since) if args.since else None
+    wanted = adapter_filter(args.adapter, args.registry) if args.adapter else None
+    by_pair: dict[str, list[Judgement]] = {}
+    for judgement in store.judgements():
+        by_pair.setdefault(judgement.pair_id, []).append(judgement)
+    verdicts = []
+    for pair in store.pairs(since=since):
+        if wanted is not None and not _involves(pair, *wanted):
+            continue
+        verdicts.append(verdict(pair, by_pair.get(pair.pair_id, [])))
+    return verdicts
+
+
+def _involves(pair: Pair, name: str, version: int | None) -> bool:
+    sides = ((pair.adapter_a, pair.version_a), (pair.adapter_b, pair.version_b))
+    return any(n == name and (version is None or v == version) for n, v in sides)
+
+
+# ---- commands ---------------------------------------------------------------------------------
+def open_database(args: argparse.Namespace) -> FeedbackStore:
+    path = args.db if args.db is not None else LocalStore(args.registry).root / DB_FILE
+    return FeedbackStore(path, create=False)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise FeedbackCliError(f"--min-agreement {args.min_agreement} is not between 0 and 1.")
+    store = open_database(args)
+    rows, report = export_rows(select(store, args), args.min_agreement)
+    write_jsonl(args.out, rows)
+    echo(f"exported {report.exported} of {report.considered} pairs to {args.out}")
+    left_out = {
+        "unjudged": report.unjudged,
+        "ties": report.ties,
+        "both_bad": report.both_bad,
+        "no majority": report.no_majority,
+        f"agreement under {args.min_agreement:g}": report.under_agreement,
+        "identical answers": report.identical,
+    }
+    echo("left out: " + ", ".join(f"{name} {count}" for name, count in left_out.items()))
+    echo("rater agreement: " + _agreement_text(report.agreement))
+    if not rows:
+        echo("warning: nothing to train on yet; collect more judgements first.", err=True)
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    store = open_database(args)
+    verdicts = select(store, args)
+    choices: Counter[str] = Counter()
+    for v in verdicts:
+        choices.update(v.votes)
+    selected = {v.pair.pair_id for v in verdicts}
+    raters = {j.rater for j in store.judgements() if j.pair_id in selected}
+    summary = {
+        "database": str(store.path),
+        "pairs": len(verdicts),
+        "judged_pairs": sum(1 for v in verdicts if v.votes),
+        "judgements": sum(choices.values()),
+        "raters": len(raters),
+        "choices": {c: choices[c] for c in ("a", "b", "tie", "both_bad")},
+        "agreement": rater_agreement(verdicts),
+        **win_rates(verdicts),
+    }
+    if args.json:
+        echo(json.dumps(summary, indent=2))
+        return 0
+    echo(f"feedback database {summary['database']}")
+    echo(
+        f"pairs {summary['pairs']} ({summary['judged_pairs']} judged), judgements {summary['judgements']}, "
+        f"raters {summary['raters']}"
+    )
+    echo("choices: " + ", ".join(f"{c} {n}" for c, n in summary["choices"].items()))
+    echo("rater agreement: " + _agreement_text(summary["agreement"]))
+    _print_models(summary)
+    return 0
+
+
+def _print_models(summary: dict[str, Any]) -> None:
+    models = summary["models"]
+    if models:
+        echo("\nwin rate per model (pairs of two different models; a tie counts half, both_bad not at all):")
+        width = max(len(m) for m in models) + 2
+        echo(f"  {'model':<{width}}{'wins':>6}{'losses':>8}{'ties':>6}{'both_bad':>10}{'win rate':>10}")
+        for model, row in sorted(models.items(), key=lambda item: -(item[1]["win_rate"] or 0)):
+            rate = "-" if row["win_rate"] is None else f"{row['win_rate']:.3f}"
+            echo(
+                f"  {model:<{width}}{row['wins']:>6}{row['losses']:>8}{row['ties']:>6}"
+                f"{row['both_bad']:>10}{rate:>10}"
+            )
+        echo("\nhead to head:")
+        for head in summary["head_to_head"]:
+            (m1, m2), (w1, w2) = head["models"], head["wins"]
+            echo(f"  {m1} vs {m2}: {w1}-{w2}, ties {head['ties']}, both bad {head['both_bad']}")
+    for model, count in sorted(summary["same_model_judgements"].items()):
+        echo(f"two samples of {model}: {count} judgements (no win rate)")
+
+
+def _agreement_text(agreement: dict[str, Any]) -> str:
+    if not agreement.get("pairs"):
+        return "n/a (no pair has two raters)"
+    kappa = agreement["fleiss_kappa"]
+    kappa_text = "undefined" if kappa is None else f"{kappa:.3f}"
+    return (
+        f"{agreement['pairwise']:.3f} pairwise over {agreement['pairs']} pairs with two or more raters "
+        f"(Fleiss' kappa {kappa_text})"
+    )
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write `rows` atomically: a temporary file beside `path`, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adapterdock feedback",
+        description="Export and summarise the human judgements collected by `adapterdock serve`.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{export,stats}")
+    export = commands.add_parser("export", help="write prompt/chosen/rejected JSONL for train dpo/reward")
+    stats = commands.add_parser("stats", help="pairs, judgements, raters, agreement, win rate per model")
+    for sub in (export, stats):
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument(
+            "--registry",
+            type=Path,
+            default=None,
+            help="registry whose feedback.sqlite to read ($ADAPTERDOCK_REGISTRY or ./adapters)",
+        )
+        where.add_argument("--db", type=Path, default=None, help="the feedback database file itself")
+        sub.add_argument(
+            "--adapter",
+            metavar="REF",
+            default=None,
+            help="only pairs with this model on one side: NAME, NAME@VERSION or NAME@TAG",
+        )
+        sub.add_argument(
+            "--since",
+            metavar="DATE",
+            default=None,
+            help="only pairs made at or after this ISO date/time (UTC unless it says)",
+        )
+    export.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    export.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="drop pairs whose majority holds less than this share of votes (0-1; default 0)",
+    )
+    stats.add_argument("--json", action="store_true", help="print the summary as JSON")
+    export.set_defaults(handler=run_export)
+    stats.set_defaults(handler=run_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `adapterdock feedback`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (AdapterDockError, OSError) as exc:
+        echo(f"error: {exc}", err=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Task heads over the base's final hidden states: classification, reward, and NER with BIO decoding.
+
+Pooling follows transformers' `LlamaForSequenceClassification` exactly (the rightmost token that is not
+the pad token); NER scores every token and decodes BIO tags into character spans using the fast
+tokenizer's offsets. Boundary: pure functions of hidden states, head weights and token offsets; no
+model, no batching, no HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Head:
+    """One adapter's task head: logits = hidden @ weight.T + bias."""
+
+    weight: torch.Tensor
+    """[num_labels, hidden]"""
+    bias: torch.Tensor | None
+    """[num_labels] or None."""
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = hidden.to(self.weight.dtype) @ self.weight.t()
+        return logits + self.bias if self.bias is not None else logits
+
+
+def last_non_pad_index(token_ids: list[int], pad_token_id: int | None) -> int:
+    """The index HF's sequence classifiers pool: the rightmost token that is not padding.
+
+    Mirrors `(arange(T) * (ids != pad)).argmax(-1)`: 0 when every token is padding, T-1 when there is
+    no pad token.
+    """
+    if pad_token_id is None:
+        return len(token_ids) - 1
+    for i in range(len(token_ids) - 1, -1, -1):
+        if token_ids[i] != pad_token_id:
+            return i
+    return 0
+
+
+def classification_result(logits: torch.Tensor, labels: list[str]) -> dict:
+    """{"label": best label, "scores": {label: softmax probability}} for one pooled logit row."""
+    probs = torch.softmax(logits.float(), dim=-1).tolist()
+    best = max(range(len(probs)), key=probs.__getitem__)
+    return {"label": labels[best], "scores": dict(zip(labels, probs, strict=True))}
+
+
+def bio_entities(
+    text: str,
+    token_logits: torch.Tensor,
+    offsets: list[tuple[int, int]],
+    labels: list[str],
+) -> list[dict]:
+    """Decode per-token BIO predictions into entities.
+
+    Args:
+        text: the input text the offsets point into.
+        token_logits: [tokens, num_labels].
+        offsets: (start, end) character span of each token; (0, 0) marks special tokens (skipped).
+        labels: the BIO tag set (e.g. O, B-PER, I-PER), index = class id.
+
+    Returns:
+        Entities {"type", "text", "start", "end", "score"}; score is the mean over the entity's
+        tokens of their top softmax probability. An I- tag that does not continue an entity of its
+        type starts a new one (as transformers' "simple" aggregation does).
+    """
+    probs = torch.softmax(token_logits.float(), dim=-1)
+    top_prob, top_id = probs.max(dim=-1)
+    entities: list[dict] = []
+    current: dict | None = None
+    for (start, end), tag_id, prob in zip(offsets, top_id.tolist(), top_prob.tolist(), strict=True):
+        if start == end:
+            continue
+        tag = labels[tag_id]
+        prefix, _, kind = tag.partition("-")
+        if not kind and tag != "O":  # IO tagging ("PER"): a plain tag continues its type
+            prefix, kind = "I", tag
+        if prefix == "I" and current is not None and current["type"] == kind:
+            current["end"] = end
+            current["probs"].append(prob)
+            continue
+        if current is not None:
+            entities.append(_finish(text, current))
+            current = None
+        if prefix in ("B", "I") and kind:
+            current = {"type": kind, "start": start, "end": end, "probs": [prob]}
+    if current is not None:
+        entities.append(_finish(text, current))
+    return entities
+
+
+def _finish(text: str, entity: dict) -> dict:
+    start, end = entity["start"], entity["end"]
+    while start < end and text[start].isspace():  # byte-level BPE tokens may carry their space
+        start += 1
+    return {
+        "type": entity["type"],
+        "text": text[start:end],
+        "start": start,
+        "end": end,
+        "score": sum(entity["probs"]) / len(entity["probs"]),
+    }

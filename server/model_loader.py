@@ -1,0 +1,122 @@
+"""Load the one base model a server process serves, optionally quantized with bitsandbytes.
+
+Boundary: turns a local HF Llama-style folder into an eval-mode `AutoModelForCausalLM` on the
+serving device and reports its memory footprint. It knows nothing about adapters, batching or HTTP;
+bitsandbytes is imported only when a quantized load is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hub.errors import AdapterDockError
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("nf4", "int8", "none")
+
+
+class ModelLoadError(AdapterDockError, RuntimeError):
+    """The base cannot be loaded as asked (bad quantize choice, bitsandbytes missing or failing)."""
+
+    default_remedy = "Serve with `--quantize none`, or install a bitsandbytes build for this machine."
+
+
+@dataclass
+class LoadedBase:
+    """A loaded base model and the facts the engine needs about it."""
+
+    model: Any
+    """The `AutoModelForCausalLM`, in eval mode, on `device`."""
+    device: torch.device
+    """Where the weights live (CUDA when available, else CPU)."""
+    dtype: torch.dtype
+    """Activation / compute dtype (fp32 on CPU, bf16 on CUDA)."""
+    quantize: str
+    """nf4, int8 or none."""
+    memory_footprint: int
+    """Bytes the weights occupy (`get_memory_footprint()`)."""
+
+
+def serving_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow or missing on most CPUs)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quantization_config(quantize: str, dtype: torch.dtype) -> Any | None:
+    """The `BitsAndBytesConfig` for `quantize` (None for "none"); imports bitsandbytes lazily.
+
+    Raises:
+        ModelLoadError: unknown choice, or bitsandbytes unavailable.
+    """
+    if quantize not in QUANTIZE_CHOICES:
+        raise ModelLoadError(f"quantize={quantize!r} is not one of {', '.join(QUANTIZE_CHOICES)}.")
+    if quantize == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401 - fail here with our message, not deep inside from_pretrained
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"--quantize {quantize} needs bitsandbytes, which cannot be imported: {exc}."
+        ) from exc
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base(path: str | Path, quantize: str = "nf4", device: torch.device | None = None) -> LoadedBase:
+    """Load the base at `path` for inference.
+
+    Args:
+        path: a local HF-format folder (config.json, *.safetensors, tokenizer files).
+        quantize: "nf4" (4-bit NF4, double quantization), "int8" (LLM.int8) or "none".
+        device: defaults to `serving_device()`.
+
+    Returns:
+        The loaded base with its device, compute dtype and memory footprint.
+
+    Raises:
+        ModelLoadError: if the quantization choice is unknown or the load fails.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or serving_device()
+    dtype = compute_dtype(device)
+    qconfig = quantization_config(quantize, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+    if qconfig is not None:
+        kwargs.update(quantization_config=qconfig, device_map={"": str(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"Cannot load base {path} with quantize={quantize}: {exc}.") from exc
+    if qconfig is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    footprint = int(model.get_memory_footprint())
+    logger.info(
+        "loaded base %s (quantize=%s, device=%s, dtype=%s): %.1f MiB",
+        path,
+        quantize,
+        device,
+        str(dtype).removeprefix("torch."),
+        footprint / 2**20,
+    )
+    return LoadedBase(model=model, device=device, dtype=dtype, quantize=quantize, memory_footprint=footprint)

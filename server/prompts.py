@@ -1,0 +1,90 @@
+"""Turning request inputs into token ids, and enforcing the server's size limits on them.
+
+Boundary: the one place in the HTTP layer that touches the tokenizer: OpenAI prompts (text or token ids),
+chat messages through the base's chat template, TGI inputs with `truncate`, and length checks. Long texts
+are encoded on a worker thread so the event loop never stalls on a big prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+from server.config import ServerConfig
+from server.errors import InputTooLongError, InvalidInputError
+
+_INLINE_CHARS = 4096
+"""Texts up to this length are encoded inline; longer ones on a thread."""
+
+
+async def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of `text`."""
+    if len(text) <= _INLINE_CHARS:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens))
+
+
+async def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `messages` rendered by the base's chat template, ending with the assistant's turn."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return await encode(tokenizer, text, add_special_tokens=False)
+
+
+def check_token_ids(ids: Sequence[Any], vocab_size: int) -> list[int]:
+    """Validate a client-supplied token-id prompt.
+
+    Raises:
+        InvalidInputError: ids that are not integers inside the vocabulary.
+    """
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size]
+    if bad:
+        raise InvalidInputError(
+            f"Prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1}).",
+            "Send text, or token ids produced by this base's tokenizer.",
+        )
+    return list(ids)
+
+
+def check_length(ids: Sequence[int], config: ServerConfig, *, what: str = "Prompt") -> None:
+    """Refuse inputs over --max-input-tokens (and empty ones).
+
+    Raises:
+        InputTooLongError: with the limit and the count.
+    """
+    if not ids:
+        raise InputTooLongError(f"{what} is empty after tokenization.", "Send at least one token of input.")
+    if len(ids) > config.max_input_tokens:
+        raise InputTooLongError(
+            f"{what} has {len(ids)} tokens; this server accepts at most {config.max_input_tokens}.",
+            "Shorten the input, or start the server with a larger --max-input-tokens.",
+        )
+
+
+def check_max_tokens(requested: int | None, config: ServerConfig) -> int:
+    """The number of tokens to generate: the request's, bounded by --max-new-tokens.
+
+    Raises:
+        InputTooLongError: when the request asks for more than the server allows.
+    """
+    if requested is None:
+        return min(config.default_max_tokens, config.max_new_tokens)
+    if requested > config.max_new_tokens:
+        raise InputTooLongError(
+            f"max_tokens={requested} exceeds this server's limit of {config.max_new_tokens}.",
+            "Ask for fewer tokens, or start the server with a larger --max-new-tokens.",
+        )
+    return requested
+
+
+def check_count(count: int, config: ServerConfig, *, what: str = "inputs") -> None:
+    """Refuse requests with more than --max-inputs-per-request texts (or prompts x n).
+
+    Raises:
+        InputTooLongError: naming the limit.
+    """
+    if count > config.max_inputs_per_request:
+        raise InputTooLongError(
+            f"The request has {count} {what}; this server accepts at most {config.max_inputs_per_request}.",
+            "Split it into several requests.",
+        )

@@ -1,0 +1,224 @@
+"""Adapter resolution: a client's reference string -> an immutable `name@version` with its manifest, checked.
+
+Boundary: names and manifests only; nothing is loaded into the model here. The resolver never accepts raw
+paths (every reference must pass `hub.ref` naming rules), resolves movable refs (`name`, `name@prod`) to a
+concrete version on every call so a moved tag is never served stale, checks the base fingerprint, the
+adapter kind and the task against the endpoint, and pulls from a remote hub on a local miss only when the
+server was started with --hub. Calls touch the disk (and maybe the network): run them off the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hub.bases import BaseInfo
+from hub.errors import AdapterNotFoundError, BaseMismatchError, InvalidReferenceError
+from hub.manifest import Manifest
+from hub.ref import AdapterRef
+from hub.store import LocalStore, verify_files
+from server.errors import FullModelError, HubNotConfiguredError, WrongTaskError
+
+logger = logging.getLogger(__name__)
+
+GENERATE = "generate"
+CLASSIFY = "classify"
+NER = "ner"
+SCORE = "score"
+
+ENDPOINT_TASKS: dict[str, tuple[str, ...]] = {
+    GENERATE: ("instruction", "dpo", "ppo"),
+    CLASSIFY: ("classification",),
+    NER: ("ner",),
+    SCORE: ("reward",),
+}
+"""Which manifest tasks each family of endpoints serves."""
+
+TASK_ENDPOINTS: dict[str, str] = {
+    "instruction": "POST /v1/completions, /v1/chat/completions or /generate",
+    "dpo": "POST /v1/completions, /v1/chat/completions or /generate",
+    "ppo": "POST /v1/completions, /v1/chat/completions or /generate",
+    "classification": "POST /v1/classify",
+    "ner": "POST /v1/ner",
+    "reward": "POST /v1/score",
+}
+"""Where to send an adapter of each task (used in wrong-task errors)."""
+
+_PATH_MARKERS = ("\\", "~", ":")
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """One registered adapter version, checked against this server."""
+
+    key: str
+    """The immutable `name@version` the cache and the metrics use."""
+    path: Path
+    """Its folder in the local registry."""
+    manifest: Manifest
+
+
+class Resolver:
+    """Resolves references against a local registry (and optionally a remote hub) for one served base.
+
+    Args:
+        store: the local registry.
+        base: the base model this server serves.
+        hub_endpoint: remote hub URL pulled from on a local miss; None never contacts a hub.
+        hub_token: token for that hub.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        base: BaseInfo,
+        *,
+        hub_endpoint: str | None = None,
+        hub_token: str | None = None,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.hub_endpoint = hub_endpoint
+        self._hub_token = hub_token
+        self._hub_client: Any | None = None
+        self._pull_locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # ---- public --------------------------------------------------------------------------------
+    def resolve(
+        self, text: str, *, endpoint: str | None = None, source: str | None = None
+    ) -> ResolvedAdapter:
+        """Resolve `text` (`name`, `name@3`, `name@tag`) to a checked, immutable version.
+
+        Args:
+            text: the reference a client sent.
+            endpoint: GENERATE, CLASSIFY, NER or SCORE to check the task; None accepts any task.
+            source: "local" never pulls; "hub" requires --hub; None pulls on a miss when --hub is set.
+
+        Raises:
+            InvalidReferenceError: malformed reference or a path. AdapterNotFoundError: unknown here
+            (and on the hub). HubNotConfiguredError: `source="hub"` without --hub.
+            FullModelError, BaseMismatchError, WrongTaskError: see `check`. ManifestError.
+        """
+        ref = parse_reference(text)
+        if source == "hub" and not self.hub_endpoint:
+            raise HubNotConfiguredError(f"Adapter {text!r} was asked from the hub, but no hub is configured.")
+        try:
+            concrete = self.store.resolve(ref)
+        except AdapterNotFoundError as exc:
+            if not self.hub_endpoint or source == "local" or "/" not in ref.name:
+                hint = (
+                    "; no remote hub is configured (--hub URL)."
+                    if not self.hub_endpoint
+                    else "; only NAMESPACE/NAME adapters are pulled from the hub."
+                    if "/" not in ref.name and source != "local"
+                    else "."
+                )
+                raise AdapterNotFoundError(
+                    exc.message, "Run `adapterdock hub list` to see what is registered" + hint
+                ) from exc
+            concrete = self._pull(ref)
+        stored = self.store.get(concrete, verify=False)
+        resolved = ResolvedAdapter(key=str(concrete), path=stored.path, manifest=stored.manifest)
+        self.check(resolved.manifest, endpoint)
+        return resolved
+
+    def check(self, manifest: Manifest, endpoint: str | None) -> None:
+        """Check that `manifest` can be served by this server at `endpoint`.
+
+        Raises:
+            FullModelError: a full fine-tuned model (409). BaseMismatchError: trained on another base (409).
+            WrongTaskError: the endpoint does not serve its task (400).
+        """
+        if manifest.kind == "model":
+            raise FullModelError(
+                f"{manifest.ref} is a full fine-tuned model, not a swappable adapter.",
+                f"Serve it as the base: `adapterdock serve --base registry:{manifest.ref}`.",
+            )
+        if manifest.base.fingerprint != self.base.fingerprint:
+            raise BaseMismatchError(
+                f"{manifest.ref} was trained on base {manifest.base.name_or_path!r} "
+                f"({manifest.base.fingerprint[:19]}), but this server serves {self.base.name_or_path!r} "
+                f"({self.base.fingerprint[:19]}).",
+                f"Serve it with `adapterdock serve --base {manifest.base.name_or_path}`, "
+                f"or retrain it on {self.base.name_or_path!r}.",
+            )
+        if endpoint is not None and manifest.task not in ENDPOINT_TASKS[endpoint]:
+            right = TASK_ENDPOINTS.get(manifest.task, "no endpoint of this server")
+            raise WrongTaskError(
+                f"{manifest.ref} is a {manifest.task} adapter; this endpoint serves "
+                f"{' / '.join(ENDPOINT_TASKS[endpoint])} adapters.",
+                f"Send it to {right}.",
+            )
+
+    def verify(self, resolved: ResolvedAdapter) -> None:
+        """Check every file's sha256 before the adapter is loaded (blocking).
+
+        Raises:
+            ChecksumMismatchError: naming the changed file.
+        """
+        verify_files(resolved.path, resolved.manifest)
+
+    def registered(self) -> list[Manifest]:
+        """Every registered version (blocking)."""
+        return self.store.list(all_versions=True)
+
+    # ---- remote --------------------------------------------------------------------------------
+    def _pull(self, ref: AdapterRef) -> AdapterRef:
+        """Pull `ref` (a `namespace/name`) from the hub into the local registry, once.
+
+        The copy is registered under the requested name, and a requested tag is set on it locally, so the
+        next request is a local hit. Hub versions are addressed by the hub's `vN` tags; the local copy gets
+        the registry's next version number.
+        """
+        with self._lock_for(ref.name):
+            try:  # another request may have pulled it while this one waited for the lock
+                return self.store.resolve(ref)
+            except AdapterNotFoundError:
+                pass
+            client = self._client()
+            revision = f"v{ref.version}" if ref.version is not None else ref.tag
+            logger.info("pulling %s from hub %s", ref, self.hub_endpoint)
+            manifest = client.pull(
+                ref.name, revision, self.store, as_name=ref.name, expected_base=self.base.spec
+            )
+            pulled = AdapterRef(manifest.name, version=manifest.version)
+            if ref.tag is not None and ref.tag != "latest":
+                self.store.tag(pulled, ref.tag)
+            logger.info("pulled %s from hub %s as %s", ref, self.hub_endpoint, pulled)
+            return pulled
+
+    def _client(self) -> Any:
+        if self._hub_client is None:
+            try:
+                from hub.remote import HubClient
+            except ImportError as exc:
+                raise HubNotConfiguredError(
+                    "This installation has no remote hub client (hub.remote).",
+                    "Register the adapter locally with `adapterdock hub import`.",
+                ) from exc
+            self._hub_client = HubClient(self.hub_endpoint, self._hub_token)
+        return self._hub_client
+
+    def _lock_for(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._pull_locks.setdefault(name, threading.Lock())
+
+
+def parse_reference(text: str) -> AdapterRef:
+    """Parse a client's reference, refusing anything that looks like a filesystem path.
+
+    Raises:
+        InvalidReferenceError: for paths and malformed references.
+    """
+    if not isinstance(text, str) or not text:
+        raise InvalidReferenceError("Adapter reference is empty.")
+    if text.startswith(("/", ".")) or any(marker in text for marker in _PATH_MARKERS):
+        raise InvalidReferenceError(
+            f"{text[:120]!r} looks like a path; this server only serves registered adapters by reference.",
+            "Register the folder with `adapterdock hub import`, then ask for NAME, NAME@VERSION or NAME@TAG.",
+        )
+    return AdapterRef.parse(text)

@@ -1,0 +1,221 @@
+"""The engine's invariants: our forward == HF's, per-row LoRA == PEFT, mixed batches == solo runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hub.errors import BaseMismatchError
+from hub.manifest import BaseSpec
+from tests.server.conftest import CLS_LABELS, NER_LABELS
+
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello there",
+    "Adapters share one base model, row by row, in every forward pass.",
+]
+
+
+def _ids(engine, texts):
+    return [engine.tokenizer(t)["input_ids"] for t in texts]
+
+
+def _greedy(engine, prompts, slots, steps):
+    """Greedy tokens per prompt, prefilled together and decoded in shared steps."""
+    base_id = 1000 + len(engine.active_ids)
+    seq_ids = list(range(base_id, base_id + len(prompts)))
+    out = {s: [] for s in seq_ids}
+    logits = engine.prefill(seq_ids, prompts, slots)
+    for s, row in zip(seq_ids, logits.argmax(-1).tolist(), strict=True):
+        out[s].append(row)
+    for _ in range(steps - 1):
+        order = engine.active_ids
+        logits = engine.decode([out[s][-1] for s in order])
+        for s, tok in zip(order, logits.argmax(-1).tolist(), strict=True):
+            out[s].append(tok)
+    for s in seq_ids:
+        engine.release(s)
+    return [out[s] for s in seq_ids]
+
+
+@pytest.fixture
+def loaded(engine, adapters):
+    """Load adapters by name for one test and unload them after it."""
+    held = []
+
+    def load(name):
+        a = adapters[name]
+        adapter = engine.load_adapter(a.key, a.path, a.manifest)
+        held.append(adapter)
+        return adapter
+
+    yield load
+    for adapter in held:
+        engine.unload_adapter(adapter)
+
+
+def test_prefill_and_decode_match_hf_forward(engine):
+    prompts = _ids(engine, PROMPTS)
+    with torch.inference_mode():
+        reference = [engine.model(torch.tensor([p])).logits[0, -1] for p in prompts]
+    logits = engine.prefill([1, 2, 3], prompts, [0, 0, 0])
+    for row, ref in zip(logits, reference, strict=True):
+        torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
+    seqs = [p + [int(t)] for p, t in zip(prompts, logits.argmax(-1), strict=True)]
+    for _ in range(3):
+        logits = engine.decode([s[-1] for s in seqs])
+        with torch.inference_mode():
+            reference = [engine.model(torch.tensor([s])).logits[0, -1] for s in seqs]
+        for row, ref in zip(logits, reference, strict=True):
+            torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
+        seqs = [s + [int(t)] for s, t in zip(seqs, logits.argmax(-1), strict=True)]
+    # retiring a middle row moves the last one into its place; its logits stay right
+    engine.release(2)
+    logits = engine.decode([seqs[0][-1], seqs[2][-1]])
+    with torch.inference_mode():
+        ref = engine.model(torch.tensor([seqs[2]])).logits[0, -1]
+    torch.testing.assert_close(logits[1], ref, rtol=1e-4, atol=1e-4)
+    engine.release(1)
+    engine.release(3)
+    assert engine.active_ids == []
+
+
+@pytest.mark.parametrize("name", ["gen-a", "gen-b", "gen-c"])
+def test_per_row_lora_matches_peft(engine, adapters, loaded, tiny_base, name):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = loaded(name)
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base.path), adapters[name].path
+    ).eval()
+    prompts = _ids(engine, PROMPTS)
+    with torch.inference_mode():
+        reference = [peft_model(input_ids=torch.tensor([p])).logits[0, -1] for p in prompts]
+    # the adapter's rows share the batch with base rows
+    logits = engine.prefill([1, 2, 3, 4], [*prompts, prompts[0]], [adapter.slot] * 3 + [0])
+    for row, ref in zip(logits[:3], reference, strict=True):
+        torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
+    assert (logits[3] - reference[0]).abs().max() > 1e-2, "the base row must not get the adapter"
+    for seq_id in (1, 2, 3, 4):
+        engine.release(seq_id)
+
+
+def test_zero_b_lora_equals_base(engine, loaded):
+    zero = loaded("zero")
+    prompts = _ids(engine, PROMPTS)
+    base = engine.prefill([1, 2, 3], prompts, [0, 0, 0])
+    with_zero = engine.prefill([4, 5, 6], prompts, [zero.slot] * 3)
+    torch.testing.assert_close(with_zero, base)
+    for seq_id in range(1, 7):
+        engine.release(seq_id)
+
+
+def test_mixed_batch_equals_solo_runs(engine, loaded):
+    slots = [loaded(n).slot for n in ("gen-a", "gen-b", "gen-c", "bneck")] + [0]
+    prompts = _ids(engine, [*PROMPTS, "One more prompt", "And the last one, a bit longer"])
+    solo = [_greedy(engine, [p], [s], steps=8)[0] for p, s in zip(prompts, slots, strict=True)]
+    mixed = _greedy(engine, prompts, slots, steps=8)
+    assert mixed == solo
+    assert len({tuple(t) for t in solo}) > 1, "adapters must change the output"
+
+
+def test_rows_join_mid_decode_and_keep_their_output(engine, loaded):
+    a, b = loaded("gen-a").slot, loaded("gen-b").slot
+    p1, p2 = _ids(engine, PROMPTS[:2])
+    solo2 = _greedy(engine, [p2], [b], steps=4)[0]
+    first = engine.prefill([1], [p1], [a]).argmax(-1).tolist()
+    for _ in range(3):
+        first += engine.decode([first[-1]]).argmax(-1).tolist()
+    second = engine.prefill([2], [p2], [b]).argmax(-1).tolist()
+    for _ in range(3):
+        logits = engine.decode([first[-1], second[-1]])
+        first.append(int(logits[0].argmax()))
+        second.append(int(logits[1].argmax()))
+    assert second == solo2
+    engine.release(1)
+    engine.release(2)
+
+
+def test_bottleneck_matches_hooked_hf_model(engine, adapters, loaded):
+    from safetensors.torch import load_file
+
+    adapter = loaded("bneck")
+    tensors = load_file(adapters["bneck"].path / "adapter_model.safetensors")
+    prompt = _ids(engine, PROMPTS[:1])[0]
+
+    def hook(prefix):
+        def run(module, args, output):
+            t = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+            z = torch.nn.functional.gelu(output @ t["down.weight"].t() + t["down.bias"])
+            return output + z @ t["up.weight"].t() + t["up.bias"]
+
+        return run
+
+    handles = []
+    for i, layer in enumerate(engine.model.model.layers):
+        handles.append(layer.self_attn.o_proj.register_forward_hook(hook(f"layers.{i}.attn_adapter.")))
+        handles.append(layer.mlp.down_proj.register_forward_hook(hook(f"layers.{i}.mlp_adapter.")))
+    try:
+        with torch.inference_mode():
+            reference = engine.model(torch.tensor([prompt])).logits[0, -1]
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = engine.prefill([1], [prompt], [adapter.slot])
+    engine.release(1)
+    torch.testing.assert_close(logits[0], reference, rtol=1e-4, atol=1e-4)
+
+
+def test_classification_and_ner_heads_match_peft(engine, adapters, loaded, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls, ner = loaded("cls"), loaded("ner")
+    prompts = _ids(engine, PROMPTS)
+    hidden = engine.encode(prompts * 2, [cls.slot] * 3 + [ner.slot] * 3)
+    cls_ref = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=3),
+        adapters["cls"].path,
+    ).eval()
+    ner_ref = PeftModel.from_pretrained(
+        AutoModelForTokenClassification.from_pretrained(tiny_base.path, num_labels=5),
+        adapters["ner"].path,
+    ).eval()
+    for i, prompt in enumerate(prompts):
+        with torch.inference_mode():
+            want_cls = cls_ref(input_ids=torch.tensor([prompt])).logits[0]
+            want_ner = ner_ref(input_ids=torch.tensor([prompt])).logits[0]
+        torch.testing.assert_close(cls.head(hidden[i][-1]), want_cls, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ner.head(hidden[3 + i]), want_ner, rtol=1e-4, atol=1e-4)
+    assert cls.labels == CLS_LABELS and ner.labels == NER_LABELS
+
+
+def test_load_refuses_other_base_and_frees_slots(engine, adapters):
+    a = adapters["gen-a"]
+    other = BaseSpec(name_or_path="small", fingerprint="sha256:" + "0" * 64)
+    manifest = type(a.manifest)(**{**a.manifest.__dict__, "base": other})
+    free = engine.free_slots
+    with pytest.raises(BaseMismatchError, match="trained on base small"):
+        engine.load_adapter(a.key, a.path, manifest)
+    assert engine.free_slots == free
+    adapter = engine.load_adapter(a.key, a.path, a.manifest)
+    assert engine.free_slots == free - 1 and adapter.nbytes > 0 and adapter.task == "instruction"
+    engine.unload_adapter(adapter)
+    assert engine.free_slots == free
+
+
+@pytest.mark.slow
+def test_nf4_engine_loads_generates_and_is_smaller(tiny_base, adapters):
+    from server.engine import Engine
+
+    nf4 = Engine(tiny_base.path, base_name="tiny", quantize="nf4", max_adapters=2, max_rank=8,
+                 max_batch_size=2, max_seq_len=64)  # fmt: skip
+    full = Engine(tiny_base.path, base_name="tiny", quantize="none", max_adapters=2, max_rank=8,
+                  max_batch_size=2, max_seq_len=64)  # fmt: skip
+    assert nf4.memory_footprint < full.memory_footprint
+    a = adapters["gen-a"]
+    adapter = nf4.load_adapter(a.key, a.path, a.manifest)
+    prompt = _ids(nf4, PROMPTS[:1])
+    tokens = _greedy(nf4, prompt * 2, [adapter.slot, 0], steps=4)
+    assert all(len(t) == 4 for t in tokens) and tokens[0] != tokens[1]
