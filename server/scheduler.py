@@ -68,6 +68,8 @@ class TokenEvent:
     token_id: int | None
     finish_reason: str | None
     """"stop" | "length" | None while running."""
+    logprob: float | None = None
+    """Log-probability of `token_id` under the model's (untempered) distribution, as TGI reports it."""
 
 
 _DONE = object()
@@ -433,9 +435,12 @@ class Scheduler:
             if job.generated < job.request.min_tokens and self._eos:
                 logits[i, list(self._eos)] = float("-inf")
         tokens = sample_tokens(logits, [j.request for j in jobs], [j.generator for j in jobs])
+        chosen = torch.tensor(tokens, device=logits.device).unsqueeze(-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen).squeeze(-1).tolist()
         self.stats["tokens_generated"] += len(jobs)
-        for job, token in zip(jobs, tokens, strict=True):
+        for job, token, logprob in zip(jobs, tokens, logprobs, strict=True):
             event = self._advance(job, token)
+            event.logprob = logprob if logprob != float("-inf") else None
             job.push(event)
             if event.finish_reason is not None:
                 job.finished = True

@@ -9,7 +9,6 @@ nf4` serving with a smaller footprint than fp32. One server per configuration, s
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -219,20 +218,13 @@ def test_text_generation_and_lorax_clients(live: Live, tiny_base: BaseInfo):
 
     lorax = LoraxClient(live.url, headers=live.headers(), timeout=60)
     adapter_text = greedy(live, "gen-b", max_tokens=10)
-    answer = lorax.generate(
-        PROMPT, adapter_id="gen-b", adapter_source="local", max_new_tokens=10, details=False
-    )
+    answer = lorax.generate(PROMPT, adapter_id="gen-b", adapter_source="local", max_new_tokens=10)
     assert answer.generated_text == adapter_text
-    # the stream route with an adapter, read as the clients read it
-    with live.client() as client:
-        body = {
-            "inputs": PROMPT,
-            "parameters": {"adapter_id": "gen-b", "max_new_tokens": 10, "details": True},
-        }
-        with client.stream("POST", "/generate_stream", json=body) as stream:
-            events = [json.loads(line[5:]) for line in stream.iter_lines() if line.startswith("data:")]
-    assert events[-1]["generated_text"] == adapter_text
-    assert events[-1]["details"]["generated_tokens"] == len(events)
+    assert answer.details.generated_tokens == len(answer.details.tokens)
+    assert all(t.logprob <= 0 for t in answer.details.tokens)
+    streamed = list(lorax.generate_stream(PROMPT, adapter_id="gen-b", max_new_tokens=10))
+    assert "".join(r.token.text for r in streamed) == adapter_text == streamed[-1].generated_text
+    assert all(r.token.logprob <= 0 for r in streamed)
 
 
 # ---- tasks ------------------------------------------------------------------------------------
