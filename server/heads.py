@@ -54,7 +54,7 @@ def bio_entities(
     offsets: list[tuple[int, int]],
     labels: list[str],
 ) -> list[dict]:
-    """Decode per-token BIO predictions into entities.
+    """Decode per-token BIO predictions into word-level entities.
 
     Args:
         text: the input text the offsets point into.
@@ -63,16 +63,29 @@ def bio_entities(
         labels: the BIO tag set (e.g. O, B-PER, I-PER), index = class id.
 
     Returns:
-        Entities {"type", "text", "start", "end", "score"}; score is the mean over the entity's
-        tokens of their top softmax probability. An I- tag that does not continue an entity of its
-        type starts a new one (as transformers' "simple" aggregation does).
+        Entities {"type", "text", "start", "end", "score"}. Trainers label only a word's first
+        sub-token, so a word takes its first token's tag and the rest of its tokens only extend the
+        span (transformers' "first" aggregation). Score is the mean top softmax probability of the
+        entity's words. An I- tag that does not continue an entity of its type starts a new one.
     """
     probs = torch.softmax(token_logits.float(), dim=-1)
     top_prob, top_id = probs.max(dim=-1)
     entities: list[dict] = []
     current: dict | None = None
+    previous_end = -1
     for (start, end), tag_id, prob in zip(offsets, top_id.tolist(), top_prob.tolist(), strict=True):
         if start == end:
+            continue
+        inside_word = (
+            start == previous_end
+            and start > 0
+            and not text[start].isspace()
+            and not text[start - 1].isspace()
+        )
+        previous_end = end
+        if inside_word:
+            if current is not None:
+                current["end"] = end
             continue
         tag = labels[tag_id]
         prefix, _, kind = tag.partition("-")
