@@ -1,0 +1,1 @@
+"""The data layer shared by every trainer: records, readers, tokenization and collation."""
