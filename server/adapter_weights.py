@@ -222,7 +222,11 @@ def _tensor_info(path: Path, name: str, meta: Any, data_size: int) -> TensorInfo
 
 
 def read_tensors(path: Path, infos: dict[str, TensorInfo], data_start: int) -> dict[str, torch.Tensor]:
-    """Read the (already checked) tensors of `infos` from `path`."""
+    """Read the (already checked) tensors of `infos` from `path`.
+
+    Raises:
+        CorruptAdapterError: a tensor is truncated or holds NaN or infinite values.
+    """
     tensors: dict[str, torch.Tensor] = {}
     with open(path, "rb") as handle:
         for name, info in infos.items():
@@ -231,6 +235,11 @@ def read_tensors(path: Path, infos: dict[str, TensorInfo], data_start: int) -> d
             if len(buf) != info.end - info.begin:
                 raise CorruptAdapterError(f"{path}: tensor {name!r} is truncated.", _REEXPORT)
             flat = torch.frombuffer(buf, dtype=info.dtype) if buf else torch.empty(0, dtype=info.dtype)
+            if not bool(torch.isfinite(flat).all()):
+                raise CorruptAdapterError(
+                    f"{path}: tensor {name!r} holds NaN or infinite (non-finite) values.",
+                    "The training run diverged or the file is damaged; retrain or re-export the adapter.",
+                )
             tensors[name] = flat.reshape(info.shape)
     return tensors
 

@@ -198,12 +198,28 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     )
 
 
+def _unparsable_body(exc: StarletteHTTPException) -> str | None:
+    """What was wrong with a body FastAPI could not parse (it only says "error parsing the body")."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"Request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset "
+            f"{cause.start}); send JSON encoded as UTF-8."
+        )
+    if isinstance(cause, RecursionError):
+        return "Request body JSON is nested too deeply to parse; send flatter JSON."
+    return None
+
+
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
     code = codes.get(exc.status_code, "http_error")
     type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+    message = _unparsable_body(exc)
+    if message is not None:
+        code = "invalid_json"
     return JSONResponse(
-        error_body(str(exc.detail), type_=type_, code=code),
+        error_body(message or str(exc.detail), type_=type_, code=code),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

@@ -19,10 +19,32 @@ _INLINE_CHARS = 4096
 
 
 async def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> list[int]:
-    """Token ids of `text`."""
+    """Token ids of `text`.
+
+    Raises:
+        InvalidInputError: `text` is not valid Unicode (see `check_unicode`).
+    """
+    check_unicode(text)
     if len(text) <= _INLINE_CHARS:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
     return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens))
+
+
+def check_unicode(text: str) -> None:
+    """Refuse text with a lone UTF-16 surrogate: valid in JSON (`"\\ud800"`), but not Unicode text, and the
+    tokenizer raises on it.
+
+    Raises:
+        InvalidInputError: naming the character and where it is.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(
+            f"The input holds a lone surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}; "
+            "it is not valid Unicode text.",
+            "Send valid Unicode: JSON escapes \\ud800-\\udfff must come in high/low pairs.",
+        ) from None
 
 
 async def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

@@ -516,15 +516,19 @@ def _validate(request: GenerationRequest, max_seq_len: int) -> None:
         )
 
 
+SAMPLING_EPS = 1e-5
+"""Temperatures below this decode greedily (as in vLLM): dividing logits by them overflows to inf/NaN."""
+
+
 def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], generators: list) -> list[int]:
-    """Next token per row: argmax when temperature is 0, else temperature + top-p sampling.
+    """Next token per row: argmax when temperature is (about) 0, else temperature + top-p sampling.
 
     Each sampled row draws from its own `torch.Generator`, so a seeded request gets the same draws
     whatever else shares its batch.
     """
     tokens = logits.argmax(dim=-1).tolist()
     for i, (request, generator) in enumerate(zip(requests, generators, strict=True)):
-        if request.temperature == 0:
+        if request.temperature < SAMPLING_EPS:
             continue
         probs = torch.softmax(logits[i] / request.temperature, dim=-1)
         if request.top_p < 1.0:

@@ -28,9 +28,10 @@ def inspect_models(monkeypatch: pytest.MonkeyPatch, tiny_base: BaseInfo) -> dict
     """Wrap dpo.run_training to record, as training starts, what is in memory."""
     seen: dict[str, Any] = {}
     original = dpo.run_training
+    already = base_copies_in_memory()  # models other tests of the session still hold
 
     def wrapper(model: Any, *args: Any, **kwargs: Any) -> Any:
-        seen["backbones"] = base_copies_in_memory()
+        seen["backbones"] = base_copies_in_memory() - already
         seen["base_weights"] = non_adapter_numel(model)
         seen["expected_weights"] = base_numel(tiny_base)
         seen["adapters"] = sorted(model.peft_config)

@@ -83,10 +83,11 @@ def test_ppo_end_to_end_on_one_base(
 ) -> None:
     seen: dict[str, Any] = {}
     original = ppo.load_models
+    already = base_copies_in_memory()  # models other tests of the session still hold
 
     def wrapper(*args: Any, **kwargs: Any) -> ppo.PPOModels:
         models = original(*args, **kwargs)
-        seen["backbones"] = base_copies_in_memory()
+        seen["backbones"] = base_copies_in_memory() - already
         seen["base_weights"] = non_adapter_numel(models.policy)
         seen["adapters"] = sorted(models.policy.peft_config)
         seen["reference"] = models.reference_adapter
