@@ -39,7 +39,7 @@ ADAPTERS = {
 TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
     "classification": dict(epochs=4, batch_size=16, max_length=48, lr=2e-3, rank=8),
     "ner": dict(epochs=6, batch_size=16, max_length=48, lr=3e-3, rank=8),
-    "instruction": dict(epochs=2, batch_size=8, max_length=96, lr=2e-3, rank=8),
+    "instruction": dict(epochs=6, batch_size=8, max_length=96, lr=5e-3, rank=16),
 }
 PROBES = {
     "classification": "my invoice shows the wrong amount, please fix it",
