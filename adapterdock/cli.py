@@ -6,6 +6,7 @@ Groups are imported lazily so `adapterdock hub list` never loads torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from adapterdock import __version__
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapterdock: the {group!r} group is not available in this build.", file=sys.stderr)
             return 2
         raise
-    result = getattr(module, func_name)(rest)
+    try:
+        result = getattr(module, func_name)(rest)
+    except BrokenPipeError:  # `adapterdock hub show X | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     return int(result or 0)
 
 

@@ -4,8 +4,8 @@ A fenced block runs when its info string holds the word `test` (e.g. `bash test`
 Blocks of one file run in order, in one scratch folder (holding a link to `examples/`), with their own
 registry. Blocks marked `test-server` run while a real `adapterdock serve` (tiny base, unquantized) is up on
 a free port, and `127.0.0.1:8000` in them is rewritten to that port; `test-hub` blocks likewise get a real
-`adapterdock hub serve` for `127.0.0.1:8080`. Blocks that need hardware or a network we lack (GPUs, the
-Hugging Face Hub) carry no mark.
+`adapterdock hub serve` for `127.0.0.1:8080` (and run without `HF_HUB_OFFLINE`). Blocks that need hardware
+or a network we lack (GPUs, the Hugging Face Hub) carry no mark.
 """
 
 from __future__ import annotations
@@ -89,6 +89,8 @@ def run_snippet(snippet: Snippet, cwd: Path, env: dict[str, str], port: int | No
     body = snippet.body
     if port is not None:
         body = body.replace(DOC_PORTS[snippet.mark], f"127.0.0.1:{port}")
+    if snippet.mark == "test-hub":  # huggingface_hub's offline mode would block our local hub too
+        env = {k: v for k, v in env.items() if k != "HF_HUB_OFFLINE"}
     if snippet.language == "python":
         argv = [sys.executable, "-c", body]
     elif snippet.language in ("bash", "sh", "shell", "console"):
@@ -115,7 +117,10 @@ def test_doc_snippets_run(doc: Path, tmp_path: Path, adapterdock_cache: Path) ->
         ADAPTERDOCK_CACHE=str(adapterdock_cache),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf-home"),
         MPLBACKEND="Agg",
+        # The models are tiny: threads gain nothing, and the server plus a snippet would oversubscribe.
+        OMP_NUM_THREADS="1",
     )
     (tmp_path / "examples").symlink_to(ROOT / "examples")
     services: dict[str, tuple[subprocess.Popen, int]] = {}
