@@ -21,7 +21,8 @@ from hub.store import LocalStore, default_registry_root, detect_adapter_format
 REGISTRY_HELP = "registry folder (default: $ADAPTERDOCK_REGISTRY or ./adapters)"
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
+def help_formatter(prog: str) -> argparse.HelpFormatter:
+    """Keeps the examples in each epilog laid out as written."""
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
 
@@ -29,14 +30,14 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 def build_base_parser(prog: str = "adapterdock base") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         description="Create and inspect base models (built-ins: tiny, small; or any HF-format folder).",
         epilog="example:\n  adapterdock base create tiny --out ./tiny-base\n  adapterdock base show tiny",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     create = sub.add_parser(
         "create",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="write a built-in base (weights, tokenizer, chat template) to a folder",
         description="Write a built-in base model, deterministically, in HF format.",
         epilog="example:\n  adapterdock base create small --out ./small-base",
@@ -45,7 +46,7 @@ def build_base_parser(prog: str = "adapterdock base") -> argparse.ArgumentParser
     create.add_argument("--out", required=True, type=Path, help="folder to write (created if absent)")
     show = sub.add_parser(
         "show",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="print a base's path, parameter count, dtype and fingerprint",
         description="Resolve a base (built-in name, folder, registry:NAME, HF id) and describe it.",
         epilog="example:\n  adapterdock base show tiny",
@@ -71,7 +72,7 @@ def run_base(args: argparse.Namespace) -> int:
 def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         description="The adapter registry: list, show, tag, remove and import adapters; push and pull them.",
         epilog=(
             "example:\n  adapterdock hub list --task classification\n  adapterdock hub show sentiment@prod"
@@ -80,29 +81,33 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     parser.add_argument("--registry", type=Path, default=None, help=REGISTRY_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    lst = sub.add_parser("list", formatter_class=_formatter, help="list registered adapters",
+    lst = sub.add_parser("list", formatter_class=help_formatter, help="list registered adapters",
                          epilog="example:\n  adapterdock hub list --task ner --all-versions")  # fmt: skip
     lst.add_argument("--task", choices=TASKS, help="only adapters of this task")
     lst.add_argument("--base", help="only adapters for this base (fingerprint or name)")
     lst.add_argument("--all-versions", action="store_true", help="every version, not just the latest")
     lst.add_argument("--json", action="store_true", help="print manifests as JSON")
 
-    show = sub.add_parser("show", formatter_class=_formatter, help="print an adapter's manifest and card",
+    show = sub.add_parser("show", formatter_class=help_formatter, help="print an adapter's manifest and card",
                           epilog="example:\n  adapterdock hub show sentiment@2")  # fmt: skip
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@TAG")
 
-    rm = sub.add_parser("rm", formatter_class=_formatter, help="remove a version, or every version of a name",
-                        epilog="example:\n  adapterdock hub rm sentiment@1")  # fmt: skip
+    rm = sub.add_parser(
+        "rm",
+        formatter_class=help_formatter,
+        help="remove a version, or every version of a name",
+        epilog="example:\n  adapterdock hub rm sentiment@1",
+    )
     rm.add_argument("ref", help="NAME (all versions), NAME@VERSION or NAME@TAG")
 
-    tag = sub.add_parser("tag", formatter_class=_formatter, help="point a movable tag at a version",
+    tag = sub.add_parser("tag", formatter_class=help_formatter, help="point a movable tag at a version",
                          epilog="example:\n  adapterdock hub tag sentiment@3 prod")  # fmt: skip
     tag.add_argument("ref", help="the version to tag")
     tag.add_argument("tag", help="tag name, e.g. prod")
 
     imp = sub.add_parser(
         "import",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="register an existing PEFT adapter folder made elsewhere",
         description="Register a folder written by PEFT's save_pretrained (or an adapterdock bottleneck "
         "adapter) after checking that its tensors fit the base.",

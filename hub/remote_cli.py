@@ -11,21 +11,18 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hub.cli import help_formatter
 from hub.store import LocalStore
 
 ENDPOINT_HELP = "hub URL (default: $HF_ENDPOINT, else https://huggingface.co)"
 TOKEN_HELP = "access token (default: $HF_TOKEN)"
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
 def add_remote_commands(subparsers: Any) -> None:
     """Add `push`, `pull` and `serve` to the `adapterdock hub` subparsers."""
     push = subparsers.add_parser(
         "push",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="upload an adapter version to the HF Hub or a self-hosted hub",
         description="Upload one registered version (files, manifest, card) in one commit, tagged v<version>.",
         epilog="example:\n  adapterdock hub push sentiment@3 --repo acme/sentiment --endpoint http://127.0.0.1:8080",
@@ -40,7 +37,7 @@ def add_remote_commands(subparsers: Any) -> None:
 
     pull = subparsers.add_parser(
         "pull",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="download an adapter from a hub into the local registry",
         description="Download one version, verify its sha256s and base, and register it as a new version.",
         epilog=(
@@ -57,7 +54,7 @@ def add_remote_commands(subparsers: Any) -> None:
 
     serve = subparsers.add_parser(
         "serve",
-        formatter_class=_formatter,
+        formatter_class=help_formatter,
         help="run a self-hosted hub (HF Hub API subset + adapter browsing)",
         description="Serve repos over the part of the HF Hub API that huggingface_hub uses. See docs/hub.md.",
         epilog="example:\n  adapterdock hub serve --root ./hub-data --port 8080 --token-file tokens.txt",
