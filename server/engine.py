@@ -126,6 +126,7 @@ class Engine:
         self._slot_lock = threading.Lock()
         self._heads: dict[int, Head] = {}
         self._init_cache()
+        self._warm_up()
         logger.info(
             "engine ready: %d adapter slots (%.1f MiB of banks), %d rows x %d tokens of KV cache",
             max_adapters,
@@ -135,6 +136,14 @@ class Engine:
         )
 
     # ---- adapters --------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """One prefill and one decode step before the first request, so that request does not pay
+        for CUDA context and cuBLAS initialisation (seconds on a GPU; measured in docs/performance.md)."""
+        warm_id = -1
+        logits = self.prefill([warm_id], [[self.tokenizer.bos_token_id or 0] * 4], [0])
+        self.decode([int(logits[0].argmax())])
+        self.release(warm_id)
+
     def load_adapter(self, key: str, folder: Path, manifest: Manifest) -> LoadedAdapter:
         """Read, check and copy an adapter into a free slot. Blocking; safe from any thread.
 
