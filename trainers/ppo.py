@@ -392,24 +392,40 @@ def ppo_step(
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(models: PPOModels, prompts: list[list[int]], tokenizer: Any, config: Config) -> dict[str, float]:
+def evaluate(
+    models: PPOModels, prompts: list[list[int]], tokenizer: Any, config: Config
+) -> tuple[dict[str, float], torch.Tensor]:
     """Mean reward, KL per sample and completion length of samples on the eval prompts.
 
-    Sampling uses a fixed seed (the global RNG is restored afterwards), so before/after compare alike.
+    Each prompt gets `--samples-per-prompt` samples, drawn with a fixed seed (the global RNG is
+    restored afterwards), so before and after compare alike. Also returns each prompt's mean
+    score, for the paired before/after comparison (the prompt moves the score far more than the
+    reply does, so only a paired difference is precise).
     """
     scores, kls, lengths = [], [], []
+    per_rollout = max(config.batch_size, config.samples_per_prompt)
+    expanded = [p for p in prompts for _ in range(config.samples_per_prompt)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + 1)
-        for start in range(0, len(prompts), config.batch_size):
-            batch = rollout(models, prompts[start : start + config.batch_size], tokenizer, config)
-            scores.append(batch.scores)
+        for start in range(0, len(expanded), per_rollout):
+            batch = rollout(models, expanded[start : start + per_rollout], tokenizer, config)
+            scores.append(batch.scores.float())
             kls.append(((batch.logprobs - batch.ref_logprobs) * batch.mask).sum(-1))
             lengths.append(content_lengths(batch, tokenizer.eos_token_id).float())
-    return {
-        "mean_reward": float(torch.cat(scores).mean()),
+    all_scores = torch.cat(scores)
+    metrics = {
+        "mean_reward": float(all_scores.mean()),
         "kl": float(torch.cat(kls).mean()),
         "mean_length": float(torch.cat(lengths).mean()),
     }
+    return metrics, all_scores.view(len(prompts), config.samples_per_prompt).mean(-1)
+
+
+def paired_gain(after: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
+    """Mean per-prompt reward gain over the starting policy, with its 95% interval half-width."""
+    diff = (after - before).double()
+    sem = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
+    return {"reward_gain": float(diff.mean()), "reward_gain_ci95": 1.96 * sem}
 
 
 def _reward_curve_saver(method: Any, history: list[dict[str, Any]]) -> Any:
@@ -483,7 +499,9 @@ def train(config: Config) -> Manifest:
     controller = AdaptiveKLController(
         config.kl_coef, config.target_kl if config.adaptive_kl else None, config.kl_horizon
     )
-    baseline = evaluate(models, eval_prompts, tokenizer, config) if config.baseline else {}
+    baseline, baseline_prompts = (
+        evaluate(models, eval_prompts, tokenizer, config) if config.baseline else ({}, None)
+    )
     history: list[dict[str, Any]] = [{"step": 0, "epoch": 0.0, "eval": baseline}] if baseline else []
     order = torch.randperm(len(train_prompts), generator=torch.Generator().manual_seed(config.seed)).tolist()
     progress = tqdm(total=steps, desc=f"ppo {config.name}", unit="step", disable=not config.progress)
@@ -528,21 +546,26 @@ def train(config: Config) -> Manifest:
                 {
                     "step": step,
                     "epoch": entry["epoch"],
-                    "eval": evaluate(models, eval_prompts, tokenizer, config),
+                    "eval": evaluate(models, eval_prompts, tokenizer, config)[0],
                 }
             )
     progress.close()
     seconds = time.perf_counter() - started
-    metrics = evaluate(models, eval_prompts, tokenizer, config)
+    metrics, after_prompts = evaluate(models, eval_prompts, tokenizer, config)
     if not math.isfinite(metrics["mean_reward"]) or metrics["kl"] > config.max_kl:
         raise PPOStoppedError(
             f"PPO finished with eval KL {metrics['kl']:.2f} / reward {metrics['mean_reward']}."
         )
     history.append({"step": steps, "epoch": round(cursor / len(order), 4), "eval": metrics})
-    logger.info(
-        "ppo eval mean reward %.4f (before %.4f), kl %.4f",
-        metrics["mean_reward"], baseline.get("mean_reward", float("nan")), metrics["kl"],
-    )  # fmt: skip
+    if baseline_prompts is not None:
+        metrics |= paired_gain(after_prompts, baseline_prompts)
+        logger.info(
+            "ppo eval mean reward %.4f (before %.4f; paired gain %.4f +- %.4f), kl %.4f",
+            metrics["mean_reward"], baseline["mean_reward"], metrics["reward_gain"],
+            metrics["reward_gain_ci95"], metrics["kl"],
+        )  # fmt: skip
+    else:
+        logger.info("ppo eval mean reward %.4f, kl %.4f", metrics["mean_reward"], metrics["kl"])
     result = TrainResult(
         model=models.policy,
         metrics=metrics,

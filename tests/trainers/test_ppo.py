@@ -103,8 +103,12 @@ def test_ppo_end_to_end_on_one_base(
         "reference": None,
     }
     assert manifest.task == "ppo" and manifest.trainer["data"]["reward"] == "rm@1"
-    for key in ("mean_reward", "kl", "mean_length", "baseline_mean_reward", "baseline_kl"):
+    for key in ("mean_reward", "kl", "mean_length", "baseline_mean_reward", "baseline_kl", "reward_gain"):
         assert key in manifest.metrics
+    # the paired gain is the mean of per-prompt differences, so it equals the difference of the means
+    gain = manifest.metrics["mean_reward"] - manifest.metrics["baseline_mean_reward"]
+    assert manifest.metrics["reward_gain"] == pytest.approx(gain, abs=1e-5)
+    assert manifest.metrics["reward_gain_ci95"] >= 0
     assert manifest.metrics["baseline_kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference
 
     stored = reward_registry.get(manifest.ref)
@@ -197,6 +201,14 @@ def test_nan_rewards_and_empty_generations_stop(
     with pytest.raises(ppo.PPOStoppedError, match="every sampled completion was empty"):
         ppo.train(ppo_config(baseline=False, max_steps=1))
     assert ppo_versions(reward_registry) == before
+
+
+def test_paired_gain_interval() -> None:
+    before = torch.tensor([0.0, 1.0, 5.0, -2.0])
+    gain = ppo.paired_gain(before + torch.tensor([0.1, 0.3, 0.1, 0.3]), before)
+    assert gain["reward_gain"] == pytest.approx(0.2)
+    # the prompts' own spread (std ~3) cancels: only the differences' std (0.1155) counts
+    assert gain["reward_gain_ci95"] == pytest.approx(1.96 * 0.11547 / 2, rel=1e-3)
 
 
 def test_adaptive_kl_controller() -> None:
