@@ -10,8 +10,6 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from seqeval.metrics import f1_score, precision_score, recall_score
-
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Share of predictions equal to their reference (0.0 for no examples)."""
@@ -53,7 +51,12 @@ def majority_baseline(
 def entity_scores(
     predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]]
 ) -> dict[str, float]:
-    """Entity-level micro precision, recall and F1 (seqeval's conlleval-style spans; 0 if undefined)."""
+    """Entity-level micro precision, recall and F1 (seqeval's conlleval-style spans; 0 if undefined).
+
+    seqeval is imported here: it pulls in scikit-learn, seconds of start-up every other recipe skips.
+    """
+    from seqeval.metrics import f1_score, precision_score, recall_score
+
     kwargs = {"zero_division": 0}
     refs, preds = [list(r) for r in references], [list(p) for p in predictions]
     return {
