@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hub.errors import AdapterDockError, BaseMismatchError
 from hub.manifest import Manifest
@@ -31,6 +32,11 @@ from server.lora_batch import AdapterBanks
 from server.model_loader import load_base
 
 logger = logging.getLogger(__name__)
+
+# Attention backends the engine lets SDPA choose from. cuDNN's is left out: it builds an execution
+# plan per new key length, i.e. on every decode step (~10 ms per layer on an H100, measured in
+# benchmarks/results/decode_step_profile_h100.md); the memory-efficient kernel takes our masks as is.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class EngineCapacityError(AdapterDockError, RuntimeError):
@@ -349,8 +355,10 @@ class Engine:
             mask = mask.repeat(1, 1, groups, 1)
         self.banks.context = self.banks.context_for(slots)
         try:
-            for index, layer in enumerate(inner.layers):
-                hidden = self._layer(index, layer, hidden, (cos, sin), mask, positions, cache_rows, decoding)
+            with sdpa_kernel(SDPA_BACKENDS):
+                rope = (cos, sin)
+                for index, layer in enumerate(inner.layers):
+                    hidden = self._layer(index, layer, hidden, rope, mask, positions, cache_rows, decoding)
         finally:
             self.banks.context = None
         return inner.norm(hidden)
