@@ -111,7 +111,11 @@ class Config(TrainConfig):
         "baseline), which takes the prompt's own share out of the reward's variance.",
     )
     max_new_tokens: int = option(32, "Tokens sampled per completion.")
-    temperature: float = option(1.0, "Sampling temperature of the rollouts.")
+    temperature: float = option(
+        1.0,
+        "Sampling temperature of the rollouts; log-probs and the KL are taken at it too, so sample "
+        "the trained adapter at the same temperature.",
+    )
     ppo_epochs: int = option(4, "Optimisation passes over each rollout batch.")
     mini_batch_size: int = option(
         4, "Samples per PPO minibatch (at most --batch-size x --samples-per-prompt)."
