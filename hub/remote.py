@@ -207,6 +207,16 @@ class HubClient:
                 return None
 
     # ---- pull ----------------------------------------------------------------------------------
+    def revision_commit(self, repo_id: str, revision: str | None = None) -> str:
+        """The commit a branch or tag points at now (one small request; nothing is downloaded).
+
+        Raises:
+            HubError, HubAuthError: the hub, the repo or the revision cannot be reached.
+        """
+        repo_id = validate_repo_id(repo_id)
+        with self._translate(f"looking up {repo_id}@{revision or 'main'}"):
+            return str(self.api.repo_info(repo_id, revision=revision, repo_type="model").sha)
+
     def pull(
         self,
         repo_id: str,

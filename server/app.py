@@ -124,7 +124,8 @@ async def _start(
     state.scheduler = scheduler_factory(state.engine, config)
     await state.scheduler.start()
     state.store = LocalStore(config.registry)
-    state.resolver = Resolver(state.store, base, hub_endpoint=config.hub, hub_token=config.hub_token)
+    hub = {"hub_endpoint": config.hub, "hub_token": config.hub_token, "hub_refresh_s": config.hub_refresh}
+    state.resolver = Resolver(state.store, base, **hub)
     state.cache = AdapterCache(
         state.engine.unload_adapter,
         max_adapters=config.max_adapters,

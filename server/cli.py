@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantize", "quantize", choices=QUANTIZE_CHOICES)
     add("--registry", "registry", type=Path)
     add("--hub", "hub", metavar="URL")
+    add("--hub-refresh", "hub_refresh", type=float, metavar="SECONDS")
     add("--host", "host")
     add("--port", "port", type=int)
     add("--max-adapters", "max_adapters", type=int, metavar="N")

@@ -29,6 +29,8 @@ class ServerConfig:
     """Remote hub URL to pull adapters from on a local miss; None never contacts a hub."""
     hub_token: str | None = field(default=None, repr=False)
     """Token for the remote hub (the CLI reads it from $HF_TOKEN); never logged."""
+    hub_refresh: float = 60.0
+    """Seconds between checks that a tag pulled from --hub has not moved (0: each request, -1: never)."""
     host: str = "127.0.0.1"
     """Interface to listen on."""
     port: int = 8000

@@ -4,7 +4,9 @@ Boundary: names and manifests only; nothing is loaded into the model here. The r
 paths (every reference must pass `hub.ref` naming rules), resolves movable refs (`name`, `name@prod`) to a
 concrete version on every call so a moved tag is never served stale, checks the base fingerprint, the
 adapter kind and the task against the endpoint, and pulls from a remote hub on a local miss only when the
-server was started with --hub. Calls touch the disk (and maybe the network): run them off the event loop.
+server was started with --hub. A movable reference pulled from the hub (`ns/name@prod`, `ns/name`) is
+re-checked there every `hub_refresh_s` seconds and pulled again when it has moved. Calls touch the disk
+(and maybe the network): run them off the event loop.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from hub.bases import BaseInfo
-from hub.errors import AdapterNotFoundError, BaseMismatchError, InvalidReferenceError
+from hub.errors import AdapterDockError, AdapterNotFoundError, BaseMismatchError, InvalidReferenceError
 from hub.manifest import Manifest
 from hub.ref import AdapterRef
 from hub.store import LocalStore, verify_files
 from server.errors import FullModelError, HubNotConfiguredError, WrongTaskError
+from server.hub_pulls import HubPullRecord, PulledAt
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class Resolver:
         base: the base model this server serves.
         hub_endpoint: remote hub URL pulled from on a local miss; None never contacts a hub.
         hub_token: token for that hub.
+        hub_refresh_s: seconds between checks that a pulled tag has not moved on the hub (0: every
+            call; negative: never).
     """
 
     def __init__(
@@ -78,12 +83,15 @@ class Resolver:
         *,
         hub_endpoint: str | None = None,
         hub_token: str | None = None,
+        hub_refresh_s: float = 60.0,
     ) -> None:
         self.store = store
         self.base = base
         self.hub_endpoint = hub_endpoint
+        self.hub_refresh_s = hub_refresh_s
         self._hub_token = hub_token
         self._hub_client: Any | None = None
+        self._pulls = HubPullRecord(store.root, hub_endpoint) if hub_endpoint else None
         self._pull_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -121,6 +129,9 @@ class Resolver:
                     exc.message, "Run `adapterdock hub list` to see what is registered" + hint
                 ) from exc
             concrete = self._pull(ref)
+        else:
+            if source != "local" and self._pulled_movable(ref):
+                concrete = self._refresh(ref, concrete)
         stored = self.store.get(concrete, verify=False)
         resolved = ResolvedAdapter(key=str(concrete), path=stored.path, manifest=stored.manifest)
         self.check(resolved.manifest, endpoint)
@@ -172,23 +183,70 @@ class Resolver:
 
         The copy is registered under the requested name, and a requested tag is set on it locally, so the
         next request is a local hit. Hub versions are addressed by the hub's `vN` tags; the local copy gets
-        the registry's next version number.
+        the registry's next version number. A movable ref is pulled at the commit its tag names, which is
+        recorded for `_refresh`.
         """
         with self._lock_for(ref.name):
             try:  # another request may have pulled it while this one waited for the lock
                 return self.store.resolve(ref)
             except AdapterNotFoundError:
                 pass
-            client = self._client()
-            revision = f"v{ref.version}" if ref.version is not None else ref.tag
-            logger.info("pulling %s from hub %s", ref, self.hub_endpoint)
-            manifest = client.pull(
-                ref.name, revision, self.store, as_name=ref.name, expected_base=self.base.spec
-            )
-            pulled = AdapterRef(manifest.name, version=manifest.version)
-            if ref.tag is not None and ref.tag != "latest":
+            return self._pull_now(ref)
+
+    def _pull_now(self, ref: AdapterRef, commit: str | None = None) -> AdapterRef:
+        """Pull `ref` now; a movable one at `commit` (looked up when not given) and recorded."""
+        client, revision = self._client(), hub_revision(ref)
+        logger.info("pulling %s from hub %s", ref, self.hub_endpoint)
+        if ref.version is not None:
+            commit = revision
+        elif commit is None:
+            commit = client.revision_commit(ref.name, revision)
+        manifest = client.pull(ref.name, commit, self.store, as_name=ref.name, expected_base=self.base.spec)
+        pulled = AdapterRef(manifest.name, version=manifest.version)
+        if ref.version is None:
+            if ref.tag not in (None, "latest"):
                 self.store.tag(pulled, ref.tag)
-            logger.info("pulled %s from hub %s as %s", ref, self.hub_endpoint, pulled)
+            assert self._pulls is not None
+            self._pulls.put(ref.name, revision or "main", PulledAt(str(commit), manifest.version))
+        logger.info("pulled %s from hub %s as %s", ref, self.hub_endpoint, pulled)
+        return pulled
+
+    def _pulled_movable(self, ref: AdapterRef) -> bool:
+        """A tag or plain name of this hub's, pulled here before (local adapters never reach the hub)."""
+        if self._pulls is None or ref.version is not None or "/" not in ref.name:
+            return False
+        return self._pulls.get(ref.name, hub_revision(ref) or "main") is not None
+
+    def _refresh(self, ref: AdapterRef, concrete: AdapterRef) -> AdapterRef:
+        """Ask the hub where `ref` points now (at most every `hub_refresh_s`); pull again if it moved.
+
+        A hub that cannot be reached, or a new version that fails its checks, leaves the local copy
+        served and is logged as a warning.
+        """
+        assert self._pulls is not None
+        key = hub_revision(ref) or "main"
+        if not self._pulls.due(ref.name, key, self.hub_refresh_s):
+            return concrete
+        with self._lock_for(ref.name):
+            if not self._pulls.due(ref.name, key, self.hub_refresh_s):  # refreshed while this one waited
+                return self.store.resolve(ref)
+            recorded = self._pulls.get(ref.name, key)
+            try:
+                commit = self._client().revision_commit(ref.name, hub_revision(ref))
+                if recorded is not None and commit == recorded.commit:
+                    self._pulls.checked(ref.name, key)
+                    return concrete
+                pulled = self._pull_now(ref, commit)
+            except AdapterDockError as exc:
+                self._pulls.checked(ref.name, key)
+                logger.warning(
+                    "could not refresh %s from hub %s (%s); serving the local copy %s",
+                    ref, self.hub_endpoint, exc.message, concrete,
+                )  # fmt: skip
+                return concrete
+            logger.info(
+                "%s moved on hub %s: now serving %s (was %s)", ref, self.hub_endpoint, pulled, concrete
+            )
             return pulled
 
     def _client(self) -> Any:
@@ -206,6 +264,13 @@ class Resolver:
     def _lock_for(self, name: str) -> threading.Lock:
         with self._locks_guard:
             return self._pull_locks.setdefault(name, threading.Lock())
+
+
+def hub_revision(ref: AdapterRef) -> str | None:
+    """The hub revision a reference names: `vN` for a version, its tag, or None (the main branch)."""
+    if ref.version is not None:
+        return f"v{ref.version}"
+    return None if ref.tag in (None, "latest") else ref.tag
 
 
 def parse_reference(text: str) -> AdapterRef:

@@ -225,3 +225,25 @@ def test_pull_refuses_unsafe_file_names(hub_service: HubProcess, source: LocalSt
     with pytest.raises(ManifestError, match="unsafe file name"):
         HubClient(hub_service.url, WRITER_TOKEN).pull("acme/hostile", store=target)
     assert target.names() == [] and not (tmp_path / "escaped.txt").exists()
+
+
+def test_server_resolver_follows_a_tag_moved_on_the_hub(
+    hub_service: HubProcess, source: LocalStore, tiny_base: BaseInfo, tmp_path: Path
+) -> None:
+    from server.resolver import Resolver
+
+    client = HubClient(hub_service.url, WRITER_TOKEN)
+    v1 = client.push(source, "chat@1", "acme/moving")  # chat@1 is tagged prod: so is v1 on the hub
+    assert client.revision_commit("acme/moving", "prod") == v1
+    replica = LocalStore(tmp_path / "replica")
+    hub = {"hub_endpoint": hub_service.url, "hub_token": READER_TOKEN, "hub_refresh_s": 0}
+    resolver = Resolver(replica, tiny_base, **hub)
+    first = resolver.resolve("acme/moving@prod")
+    assert first.key == "acme/moving@1" and first.manifest.files == source.get("chat@1").manifest.files
+    source.tag("chat@2", "prod")
+    v2 = client.push(source, "chat@2", "acme/moving")  # moves prod on the hub
+    assert client.revision_commit("acme/moving", "prod") == v2 != v1
+    moved = resolver.resolve("acme/moving@prod")
+    assert moved.key == "acme/moving@2" and moved.manifest.files == source.get("chat@2").manifest.files
+    assert resolver.resolve("acme/moving@prod").key == "acme/moving@2"  # unchanged since: no new pull
+    assert replica.versions("acme/moving") == [1, 2]

@@ -11,6 +11,7 @@ from hub.errors import (
     AdapterNotFoundError,
     BaseMismatchError,
     ChecksumMismatchError,
+    HubError,
     InvalidReferenceError,
 )
 from hub.store import LocalStore
@@ -116,31 +117,50 @@ def test_hub_source_needs_a_configured_hub(resolver: Resolver):
 
 
 class FakeHubClient:
-    """Stands in for hub.remote.HubClient: 'pulls' by registering a fake adapter locally."""
+    """Stands in for hub.remote.HubClient: 'pulls' by registering a fake adapter locally.
+
+    `commits` maps (repo, revision) to the commit it points at; a pull by commit records it.
+    """
 
     pulls: list[tuple] = []
+    commits: dict[tuple[str, str | None], str] = {}
+    lookups: list[tuple] = []
+    down = False
 
     def __init__(self, endpoint: str, token: str | None) -> None:
         self.endpoint, self.token = endpoint, token
 
-    def pull(self, repo_id, revision, store, as_name=None, expected_base=None):
-        FakeHubClient.pulls.append((repo_id, revision, as_name, expected_base))
+    def revision_commit(self, repo_id, revision=None):
+        FakeHubClient.lookups.append((repo_id, revision))
+        if FakeHubClient.down:
+            raise HubError("Cannot reach the hub at http://127.0.0.1:1.")
         if repo_id == "acme/missing":
             raise AdapterNotFoundError(f"{repo_id} is not on the hub.")
+        return FakeHubClient.commits.get((repo_id, revision), f"c-{revision}")
+
+    def pull(self, repo_id, revision, store, as_name=None, expected_base=None):
+        FakeHubClient.pulls.append((repo_id, revision, as_name, expected_base))
         return register(store, as_name or repo_id)
 
 
-def test_a_local_miss_pulls_from_the_configured_hub(store: LocalStore, monkeypatch):
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHubClient]:
     module = types.ModuleType("hub.remote")
     module.HubClient = FakeHubClient
     monkeypatch.setitem(sys.modules, "hub.remote", module)
-    FakeHubClient.pulls = []
+    FakeHubClient.pulls, FakeHubClient.lookups, FakeHubClient.commits = [], [], {}
+    FakeHubClient.down = False
+    return FakeHubClient
+
+
+def test_a_local_miss_pulls_from_the_configured_hub(store: LocalStore, fake_hub):
     resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_token="t")
     assert resolver.resolve("acme/chat@prod", endpoint=GENERATE).key == "acme/chat@1"
-    assert FakeHubClient.pulls == [("acme/chat", "prod", "acme/chat", FAKE_BASE.spec)]
+    # a tag is pulled at the commit it names now
+    assert fake_hub.pulls == [("acme/chat", "c-prod", "acme/chat", FAKE_BASE.spec)]
     assert resolver.resolve("acme/chat@prod").key == "acme/chat@1"  # now a local hit: no second pull
     assert resolver.resolve("acme/chat@2").key == "acme/chat@2"  # hub versions are its vN tags
-    assert FakeHubClient.pulls[-1][:2] == ("acme/chat", "v2")
+    assert fake_hub.pulls[-1][:2] == ("acme/chat", "v2")
     assert resolver.resolve("chat").key == "chat@2"  # local hits never touch the hub
     with pytest.raises(AdapterNotFoundError):
         resolver.resolve("acme/missing")
@@ -148,4 +168,42 @@ def test_a_local_miss_pulls_from_the_configured_hub(store: LocalStore, monkeypat
         resolver.resolve("bare-name")  # hub repos are namespaced: nothing is fetched
     with pytest.raises(AdapterNotFoundError):
         resolver.resolve("acme/elsewhere", source="local")
-    assert [p[0] for p in FakeHubClient.pulls] == ["acme/chat", "acme/chat", "acme/missing"]
+    assert [p[0] for p in fake_hub.pulls] == ["acme/chat", "acme/chat"]
+
+
+def test_a_tag_moved_on_the_hub_is_pulled_again(store: LocalStore, fake_hub, caplog):
+    resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=0)
+    fake_hub.commits[("acme/chat", "prod")] = "aaa"
+    assert resolver.resolve("acme/chat@prod").key == "acme/chat@1"
+    assert resolver.resolve("acme/chat@prod").key == "acme/chat@1"  # asked again, not moved: no pull
+    assert len(fake_hub.pulls) == 1 and len(fake_hub.lookups) == 2
+    fake_hub.commits[("acme/chat", "prod")] = "bbb"
+    assert resolver.resolve("acme/chat@prod").key == "acme/chat@2"
+    assert fake_hub.pulls[-1][:2] == ("acme/chat", "bbb") and store.tags("acme/chat")["prod"] == 2
+    assert resolver.resolve("acme/chat@1").key == "acme/chat@1"  # versions never move: no lookup
+    assert resolver.resolve("acme/chat@prod", source="local").key == "acme/chat@2"
+    assert len(fake_hub.lookups) == 3
+    # a hub that cannot be reached leaves the local copy served
+    fake_hub.down = True
+    with caplog.at_level("WARNING", logger="server.resolver"):
+        assert resolver.resolve("acme/chat@prod").key == "acme/chat@2"
+    assert "serving the local copy acme/chat@2" in caplog.text
+    # the record survives a restart: a new resolver on the same registry still checks the tag
+    fake_hub.down = False
+    fake_hub.commits[("acme/chat", "prod")] = "ccc"
+    restarted = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=0)
+    assert restarted.resolve("acme/chat@prod").key == "acme/chat@3"
+    assert (store.root / ".hub-pulls.json").is_file() and "acme/chat" in store.names()
+
+
+def test_refresh_interval_and_local_adapters(store: LocalStore, fake_hub):
+    resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=3600)
+    assert resolver.resolve("acme/chat").key == "acme/chat@1"  # a plain name follows the hub's main
+    assert fake_hub.lookups == [("acme/chat", None)]
+    fake_hub.commits[("acme/chat", None)] = "moved"
+    assert resolver.resolve("acme/chat").key == "acme/chat@1"  # checked less than an hour ago
+    register(store, "acme/local")  # registered here, never pulled: the hub is never asked about it
+    assert resolver.resolve("acme/local@latest").key == "acme/local@1"
+    assert [name for name, _ in fake_hub.lookups] == ["acme/chat"]
+    never = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=-1)
+    assert never.resolve("acme/chat").key == "acme/chat@1" and len(fake_hub.lookups) == 1
