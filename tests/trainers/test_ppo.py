@@ -21,7 +21,7 @@ from conftest_pref import (  # noqa: F401
 
 from hub.bases import BaseInfo
 from hub.store import LocalStore
-from trainers import ppo, reward
+from trainers import ppo, ppo_rollout, reward
 from trainers.configs import ConfigError
 from trainers.data.preference import encode_prompt, read_prompts
 from trainers.modeling import load_tokenizer
@@ -178,7 +178,7 @@ def test_nan_rewards_and_empty_generations_stop(
     ppo_config: Callable[..., ppo.Config], reward_registry: LocalStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     before = ppo_versions(reward_registry)
-    monkeypatch.setattr(ppo, "reward_scores", lambda *args: torch.full((4,), float("nan")))
+    monkeypatch.setattr(ppo_rollout, "reward_scores", lambda *args: torch.full((4,), float("nan")))
     with pytest.raises(ppo.PPOStoppedError, match="reward_scores became NaN"):
         ppo.train(ppo_config(baseline=False, max_steps=1))
     monkeypatch.undo()
