@@ -111,13 +111,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` all or nothing: a hidden temporary file beside it, fsynced, renamed over it.
+
+    Readers see the old content or the new, never a torn file; on any error the temporary file is removed.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -248,7 +257,7 @@ class LocalStore:
                 if tags:
                     current = self._read_tags(name_dir)
                     current.update({t: version for t in tags})
-                    _write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
+                    write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -404,7 +413,7 @@ class LocalStore:
         with self._locked(resolved.name) as name_dir:
             current = self._read_tags(name_dir)
             current[tag] = resolved.version
-            _write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
+            write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
         logger.info("tagged %s as %s@%s", resolved, resolved.name, tag)
         return resolved
 
@@ -425,7 +434,7 @@ class LocalStore:
                 shutil.rmtree(trash, ignore_errors=True)
             remaining = self._versions_in(name_dir)
             tags = {t: v for t, v in self._read_tags(name_dir).items() if v in remaining}
-            _write_atomic(name_dir / TAGS_FILE, json.dumps(tags, indent=2, sort_keys=True))
+            write_atomic(name_dir / TAGS_FILE, json.dumps(tags, indent=2, sort_keys=True))
         logger.info("deleted %s", ", ".join(str(t) for t in targets))
         return targets
 

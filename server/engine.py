@@ -141,15 +141,15 @@ class Engine:
             self.max_seq_len,
         )
 
-    # ---- adapters --------------------------------------------------------------------------------
     def _warm_up(self) -> None:
         """One prefill and one decode step before the first request, so that request does not pay
-        for CUDA context and cuBLAS initialisation (seconds on a GPU; measured in docs/performance.md)."""
+        for first-use initialisation (cuBLAS handles, lazily loaded kernels)."""
         warm_id = -1
         logits = self.prefill([warm_id], [[self.tokenizer.bos_token_id or 0] * 4], [0])
         self.decode([int(logits[0].argmax())])
         self.release(warm_id)
 
+    # ---- adapters --------------------------------------------------------------------------------
     def load_adapter(self, key: str, folder: Path, manifest: Manifest) -> LoadedAdapter:
         """Read, check and copy an adapter into a free slot. Blocking; safe from any thread.
 

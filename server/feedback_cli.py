@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ from typing import Any
 
 from hub.errors import AdapterDockError
 from hub.ref import AdapterRef
-from hub.store import LocalStore
+from hub.store import LocalStore, write_atomic
 from server.feedback_store import DB_FILE, FeedbackStore, Judgement, Pair
 
 EPILOG = """\
@@ -335,19 +333,8 @@ def _agreement_text(agreement: dict[str, Any]) -> str:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write `rows` atomically: a temporary file beside `path`, fsynced, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write `rows` atomically (`hub.store.write_atomic`): readers never see a half-written export."""
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from hub.store import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ class HubPullRecord:
                 "commit": pulled.commit,
                 "version": pulled.version,
             }
-            self._write(data)
+            write_atomic(self.path, json.dumps(data, indent=2, sort_keys=True))
             self._checked[(name, revision)] = time.monotonic()
 
     def due(self, name: str, revision: str, every_s: float) -> bool:
@@ -84,9 +84,3 @@ class HubPullRecord:
             logger.warning("ignoring unreadable %s (%s); moved hub tags are checked afresh", self.path, exc)
             return {}
         return data if isinstance(data, dict) else {}
-
-    def _write(self, data: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)

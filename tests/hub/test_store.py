@@ -18,7 +18,7 @@ from hub.errors import (
     ManifestError,
 )
 from hub.manifest import BaseSpec, Manifest
-from hub.store import LocalStore
+from hub.store import LocalStore, write_atomic
 
 BASE = BaseSpec("tiny", "sha256:" + "0" * 64)
 
@@ -222,3 +222,12 @@ def test_hand_edited_manifest_is_caught(registry: LocalStore, tmp_path: Path) ->
     manifest_file.write_text("{not json")
     with pytest.raises(ManifestError, match="not a readable JSON"):
         registry.get("sent")
+
+
+def test_write_atomic_keeps_the_old_content_and_no_temporary_file_on_failure(tmp_path) -> None:
+    path = tmp_path / "deep" / "tags.json"
+    write_atomic(path, '{"prod": 1}')
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, "\udc80")  # a lone surrogate cannot be encoded: fails mid-write
+    assert path.read_text() == '{"prod": 1}'
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tags.json"]
