@@ -277,8 +277,9 @@ NOTES = """Reading the numbers (the built-in base is randomly initialised):
   state of norm 16) caps any token's logit near 5, i.e. its probability near 4% at temperature 1:
   sampled at temperature 1 every policy on this base is close to uniform, ends no reply and gives
   PPO nothing to move (earlier runs: gains within +-0.01). At temperature 0.5 the SFT policy ends
-  about 40% of its replies, and the reward model prefers ended, shorter replies (its bias from
-  harmless-base); PPO learns to end replies sooner, which is what raises the reward here.
+  some replies before the token limit (mean reply length above, "before"), and the reward model
+  prefers ended, shorter replies (its bias from harmless-base); PPO learns to end replies sooner
+  (mean length "after"), which is what raises the reward here.
 - PPO settings (temperature 0.5, lr 2e-3, 40 steps) were chosen in trials scored on the first 64
   held-out prompts; the rows above are scored on later held-out prompts. In those trials lr 5e-3
   went the other way (replies stopped ending; gain -0.11): PPO on this base is sensitive to the
