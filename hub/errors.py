@@ -1,4 +1,7 @@
-"""Every error adapterdock's libraries raise, in one place.
+"""Every error the hub raises, and `AdapterDockError`, the base of every adapterdock error.
+
+Training's own errors (bad data, bad options, a diverged run) live in trainers (`trainers.errors`,
+`trainers.configs`), since the hub knows nothing about training.
 
 Each error subclasses `AdapterDockError` and the closest builtin, so callers can catch either, and carries a
 `remedy` that says how to fix the problem. Mapping to HTTP statuses happens only at the server's edge.
@@ -71,12 +74,6 @@ class BaseNotFoundError(AdapterDockError, LookupError):
         "Use a built-in base (tiny, small), a local HF-format folder, registry:NAME, "
         "or an HF model id present in the local HF cache."
     )
-
-
-class DataError(AdapterDockError, ValueError):
-    """Training or evaluation data that cannot be used; the message names file, line and problem."""
-
-    default_remedy = "Fix the listed lines and run again; nothing was trained or registered."
 
 
 class RegistryError(AdapterDockError, OSError):

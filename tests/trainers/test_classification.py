@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers import classification
 from trainers.configs import ConfigError
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.readers import read_classification, read_instruction, read_ner
 from trainers.data.records import split_off_eval
 from trainers.sample_data import sample_path

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from hub.bases import BaseInfo
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.collate import collate_fn
 from trainers.data.records import Message, Origin, TextRecord, TokensRecord
 from trainers.data.tokenize import (

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers import instruction
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.preference import (
     collate_pairs,
     encode_pair,

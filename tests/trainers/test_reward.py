@@ -11,7 +11,7 @@ import torch
 from conftest_pref import pref_config, pref_data, read_json  # noqa: F401
 
 from hub.bases import BaseInfo
-from hub.errors import DataError
+from trainers.errors import DataError
 from hub.store import LocalStore
 from trainers import reward
 from trainers.configs import ConfigError

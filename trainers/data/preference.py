@@ -12,7 +12,7 @@ prompt per line.
 
 Every pair is normalised to chat messages: `prompt` (ends before the assistant's reply) and
 `chosen`/`rejected` continuations that start with an assistant turn. Bad rows are collected and
-raised together as one `hub.errors.DataError` naming file:line; `chosen == rejected` rows are
+raised together as one `trainers.errors.DataError` naming file:line; `chosen == rejected` rows are
 logged, counted and skipped. Boundary: files and a tokenizer in, records and token ids out;
 no model, no training.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.readers import Problems, iter_json_rows, parse_messages
 from trainers.data.records import (
     Message,

@@ -2,7 +2,7 @@
 
 The boundary: files in, `trainers.data.records` out. Readers validate everything they can see in
 the file (fields, types, tag schemes, empty files) and report every problem at once as one
-`hub.errors.DataError` naming `file:line`, before any model is loaded. They know nothing about
+`trainers.errors.DataError` naming `file:line`, before any model is loaded. They know nothing about
 tokenizers or models. Compressed files (`.gz`) are read transparently.
 """
 
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.records import (
     ROLES,
     ChatRecord,

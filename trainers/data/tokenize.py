@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from hub.errors import DataError
+from trainers.errors import DataError
 from trainers.data.records import ChatRecord, Message, TextRecord, TokensRecord
 
 IGNORE_INDEX = -100
