@@ -16,7 +16,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "train": ("trainers.cli:main", "train an adapter: classification, ner, instruction, reward, dpo, ppo"),
     "hub": ("hub.cli:main", "the adapter registry: list, show, tag, rm, import, push, pull, serve"),
     "serve": ("server.cli:main", "serve one base with many adapters over HTTP (OpenAI, LoRAX APIs)"),
-    "feedback": ("server.feedback_cli:main", "export and summarise human preference judgements"),
+    "feedback": ("server.feedback.cli:main", "export and summarise human preference judgements"),
     "quickstart": ("adapterdock.quickstart:main", "build tiny, train three adapters, serve them"),
 }
 

@@ -21,10 +21,11 @@ from server import dispatch
 from server.adapter_cache import AdapterCache
 from server.config import ServerConfig
 from server.errors import install_error_handlers
+from server.feedback import routes as feedback
 from server.metrics import Metrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from server.resolver import Resolver
-from server.routes import adapters, feedback, health, lorax, openai, tasks
+from server.routes import adapters, health, lorax, openai, tasks
 from server.runtime import ServerState
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import AuthenticationError, BodyTooLargeError, error_response
+from server.feedback.routes import RATER_PATHS
 from server.metrics import NO_ADAPTER, Metrics
-from server.routes.feedback import RATER_PATHS
 
 PUBLIC_PATHS = frozenset({"/health"}) | RATER_PATHS
 """Paths served without an API key: /health, and the rating paths, which the feedback router

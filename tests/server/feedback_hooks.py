@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import server.middleware
-from server.routes import feedback
+from server.feedback import routes as feedback
 
 
 def has_router(app: Any) -> bool:

@@ -10,8 +10,8 @@ import pytest
 import server.middleware
 from hub.store import LocalStore
 from server.config import ServerConfig
-from server.feedback_store import FeedbackStore
-from server.routes import feedback
+from server.feedback import routes as feedback
+from server.feedback.store import FeedbackStore
 from tests.server.fakes import FakeServer, populate
 from tests.server.feedback_hooks import exempted_paths, has_router, with_feedback
 

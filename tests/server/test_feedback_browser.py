@@ -22,7 +22,7 @@ import pytest
 
 import server.middleware
 from hub.store import LocalStore
-from server.feedback_store import FeedbackStore, Pair
+from server.feedback.store import FeedbackStore, Pair
 from tests.server.fakes import FakeServer, register
 from tests.server.feedback_hooks import exempted_paths, with_feedback
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from hub.store import LocalStore
-from server.feedback_cli import main
-from server.feedback_store import FeedbackStore, Pair
+from server.feedback.cli import main
+from server.feedback.store import FeedbackStore, Pair
 from tests.server.fakes import register
 from trainers.data.preference import read_preference_pairs
 

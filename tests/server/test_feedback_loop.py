@@ -23,7 +23,7 @@ import pytest
 
 from hub.bases import BaseInfo
 from hub.store import LocalStore
-from server.feedback_cli import main as feedback_main
+from server.feedback.cli import main as feedback_main
 from tests.server.conftest import make_peft_adapter
 from tests.server.test_integration_server import free_port, stop_server, wait_ready
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hub.errors import AdapterDockError
-from server.feedback_store import (
+from server.feedback.store import (
     FeedbackDatabaseNotFoundError,
     FeedbackStore,
     InvalidJudgementError,

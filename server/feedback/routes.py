@@ -11,7 +11,7 @@
 
 Access: the rating paths (`RATER_PATHS`) authenticate here, accepting the API key or the separate
 rater token (`ServerConfig.rater_token`); the rater token opens nothing else. Boundary: HTTP only;
-storage is `server.feedback_store`, generation is `server.dispatch`.
+storage is `server.feedback.store`, generation is `server.dispatch`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from hub.store import LocalStore
 from server import dispatch
 from server.config import ServerConfig
 from server.errors import AuthenticationError, InvalidInputError
-from server.feedback_store import (
+from server.feedback.store import (
     DB_FILE,
     MAX_COMMENT_LENGTH,
     MAX_RATER_LENGTH,
