@@ -19,9 +19,10 @@ from hub.bases import resolve_base
 from hub.manifest import Manifest
 from trainers.configs import TrainConfig, option
 from trainers.data.collate import collate_fn
+from trainers.data.labels import check_eval_labels, class_label_set
 from trainers.data.readers import read_classification
 from trainers.data.records import TextRecord, split_off_eval
-from trainers.data.tokenize import check_eval_labels, class_label_set, tokenize_classification
+from trainers.data.tokenize import tokenize_classification
 from trainers.export import save_and_register
 from trainers.loop import create_accelerator, run_training
 from trainers.methods import get_method

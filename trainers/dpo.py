@@ -27,7 +27,9 @@ from hub.bases import resolve_base
 from hub.manifest import Manifest
 from trainers import losses
 from trainers.configs import TrainConfig, option
-from trainers.data.preference import collate_pairs, encode_pair, load_preference_split
+from trainers.data.collate import collate_pairs
+from trainers.data.preference import load_preference_split
+from trainers.data.tokenize import encode_pair
 from trainers.export import save_and_register
 from trainers.loop import create_accelerator, run_training
 from trainers.methods import get_method

@@ -19,15 +19,10 @@ from hub.bases import resolve_base
 from hub.manifest import Manifest
 from trainers.configs import TrainConfig
 from trainers.data.collate import collate_fn
+from trainers.data.labels import bio_label_set, check_eval_labels, normalize_tags
 from trainers.data.readers import read_ner
 from trainers.data.records import TokensRecord, split_off_eval
-from trainers.data.tokenize import (
-    IGNORE_INDEX,
-    bio_label_set,
-    check_eval_labels,
-    normalize_tags,
-    tokenize_ner,
-)
+from trainers.data.tokenize import IGNORE_INDEX, tokenize_ner
 from trainers.export import save_and_register
 from trainers.loop import create_accelerator, run_training
 from trainers.methods import get_method

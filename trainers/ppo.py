@@ -42,8 +42,9 @@ from hub.errors import AdapterDockError
 from hub.manifest import Manifest
 from trainers import losses
 from trainers.configs import ConfigError, TrainConfig, option
-from trainers.data.preference import encode_prompt, read_prompts
+from trainers.data.preference import read_prompts
 from trainers.data.records import split_off_eval
+from trainers.data.tokenize import encode_prompt
 from trainers.export import save_and_register
 from trainers.loop import TrainResult, create_accelerator, peak_memory_mb
 from trainers.methods import get_method

@@ -1,4 +1,4 @@
-"""Tokenization: BIO/IOB1 normalisation, first-sub-word NER labels, assistant-only chat labels."""
+"""Tokenization: first-sub-word NER labels, assistant-only chat labels, collation."""
 
 from __future__ import annotations
 
@@ -6,50 +6,22 @@ import pytest
 from transformers import AutoTokenizer
 
 from hub.bases import BaseInfo
-from trainers.errors import DataError
 from trainers.data.collate import collate_fn
-from trainers.data.records import Message, Origin, TextRecord, TokensRecord
+from trainers.data.records import Message, Origin, TokensRecord
 from trainers.data.tokenize import (
     IGNORE_INDEX,
-    bio_label_set,
-    check_eval_labels,
-    class_label_set,
     first_subword_labels,
-    normalize_tags,
     tokenize_chat,
     tokenize_instruction,
     tokenize_ner,
     word_spans,
 )
+from trainers.errors import DataError
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_base: BaseInfo):
     return AutoTokenizer.from_pretrained(tiny_base.path)
-
-
-def test_iob1_becomes_bio_and_bio_is_unchanged() -> None:
-    iob1 = ["I-PER", "I-PER", "O", "I-LOC", "B-LOC", "I-ORG"]
-    assert normalize_tags(iob1) == ("B-PER", "I-PER", "O", "B-LOC", "B-LOC", "B-ORG")
-    bio = ("B-PER", "I-PER", "O", "B-LOC", "B-LOC", "I-LOC")
-    assert normalize_tags(bio) == bio
-
-
-def test_label_sets() -> None:
-    origin = Origin("x", 1)
-    records = [TokensRecord(("a", "b"), ("B-PER", "O"), origin), TokensRecord(("c",), ("I-LOC",), origin)]
-    assert bio_label_set(records) == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
-    texts = [TextRecord("t", label, origin) for label in ("10", "9", "2")]
-    assert class_label_set(texts) == ["2", "9", "10"]
-
-
-def test_eval_label_unseen_in_train_names_the_line() -> None:
-    eval_records = [
-        TextRecord("x", "pos", Origin("eval.jsonl", 1)),
-        TextRecord("y", "meh", Origin("eval.jsonl", 2)),
-    ]
-    with pytest.raises(DataError, match=r"eval\.jsonl:2: label 'meh' is not in the train data"):
-        check_eval_labels(["neg", "pos"], eval_records, "label")
 
 
 def test_first_subword_alignment_by_hand() -> None:

@@ -23,7 +23,8 @@ from hub.bases import BaseInfo
 from hub.store import LocalStore
 from trainers import ppo, ppo_rollout, reward
 from trainers.configs import ConfigError
-from trainers.data.preference import encode_prompt, read_prompts
+from trainers.data.preference import read_prompts
+from trainers.data.tokenize import encode_prompt
 from trainers.modeling import load_tokenizer
 
 

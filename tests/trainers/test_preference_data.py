@@ -10,15 +10,11 @@ from typing import Any
 
 import pytest
 
-from trainers.errors import DataError
-from trainers.data.preference import (
-    collate_pairs,
-    encode_pair,
-    encode_prompt,
-    read_preference_pairs,
-    read_prompts,
-)
+from trainers.data.collate import collate_pairs
+from trainers.data.preference import read_preference_pairs, read_prompts
 from trainers.data.records import Message
+from trainers.data.tokenize import encode_pair, encode_prompt
+from trainers.errors import DataError
 
 SAMPLES = Path(__file__).resolve().parents[2] / "trainers" / "sample_data"
 

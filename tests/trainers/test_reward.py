@@ -11,11 +11,13 @@ import torch
 from conftest_pref import pref_config, pref_data, read_json  # noqa: F401
 
 from hub.bases import BaseInfo
-from trainers.errors import DataError
 from hub.store import LocalStore
 from trainers import reward
 from trainers.configs import ConfigError
-from trainers.data.preference import collate_pairs, encode_pair, read_preference_pairs
+from trainers.data.collate import collate_pairs
+from trainers.data.preference import read_preference_pairs
+from trainers.data.tokenize import encode_pair
+from trainers.errors import DataError
 
 
 def plain_peft_rewards(folder: Path, base: BaseInfo, pairs_file: Path, max_length: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Boundary: `trainers.data.tokenize` dicts in, `torch.Tensor` batches out. `input_ids` are padded
 with the tokenizer's pad id, `attention_mask` with 0, token-level `labels` with -100; a scalar
 `labels` (classification) becomes a 1-D tensor. Any other key holding equal-length lists or
-scalars is stacked too, so recipes with extra fields (e.g. preference pairs) can reuse it.
+scalars is stacked too. Preference pairs (`EncodedPair`s) have their own `collate_pairs`: chosen
+and rejected rows in one batch, loss only on the replies.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from trainers.data.tokenize import IGNORE_INDEX
+from trainers.data.tokenize import IGNORE_INDEX, EncodedPair
 
 
 def pad_sequences(rows: Sequence[Sequence[int]], value: int) -> torch.Tensor:
@@ -48,3 +49,22 @@ def collate_fn(pad_token_id: int) -> Callable[[Sequence[dict[str, Any]]], dict[s
         return batch
 
     return collate
+
+
+def collate_pairs(batch: Sequence[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors for a batch of pairs: rows [0, B) are chosen, [B, 2B) rejected.
+
+    Returns `input_ids`, `attention_mask` and `labels` ([2B, T]; -100 on prompt and padding).
+    """
+    rows = [(p.prompt_ids, p.chosen_ids) for p in batch]
+    rows += [(p.prompt_ids, p.rejected_ids) for p in batch]
+    width = max(len(prompt) + len(reply) for prompt, reply in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, (prompt, reply) in enumerate(rows):
+        ids = prompt + reply
+        input_ids[index, : len(ids)] = torch.tensor(ids)
+        attention[index, : len(ids)] = 1
+        labels[index, len(prompt) : len(ids)] = torch.tensor(reply, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

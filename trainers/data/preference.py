@@ -1,4 +1,4 @@
-"""Preference pairs and prompt sets: reading, validation and tokenization for reward, DPO and PPO.
+"""Preference pairs and prompt sets: reading, validation and the train/eval split (reward, DPO, PPO).
 
 Formats read (JSONL, optionally gzipped, or a JSON array):
 - `prompt` + `chosen` + `rejected` as strings (a single user turn and single assistant replies);
@@ -13,8 +13,8 @@ prompt per line.
 Every pair is normalised to chat messages: `prompt` (ends before the assistant's reply) and
 `chosen`/`rejected` continuations that start with an assistant turn. Bad rows are collected and
 raised together as one `trainers.errors.DataError` naming file:line; `chosen == rejected` rows are
-logged, counted and skipped. Boundary: files and a tokenizer in, records and token ids out;
-no model, no training.
+logged, counted and skipped. Boundary: files in, records out; no tokenizer (rendering pairs and
+prompts to ids is `trainers.data.tokenize`'s, padding them `trainers.data.collate`'s), no model.
 """
 
 from __future__ import annotations
@@ -22,12 +22,10 @@ from __future__ import annotations
 import gzip
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainers.errors import DataError
 from trainers.data.readers import Problems, iter_json_rows, parse_messages
 from trainers.data.records import (
     Message,
@@ -36,7 +34,7 @@ from trainers.data.records import (
     PromptRecord,
     split_off_eval,
 )
-from trainers.data.tokenize import IGNORE_INDEX, render_chat
+from trainers.errors import DataError
 
 logger = logging.getLogger(__name__)
 
@@ -260,96 +258,6 @@ def _drop_open_assistant(messages: tuple[Message, ...]) -> tuple[Message, ...]:
     if messages and messages[-1].role == "assistant" and not messages[-1].content:
         return messages[:-1]
     return messages
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenization and collation
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    """Token ids of a pair: the shared prompt and both responses (ending with EOS if it fit)."""
-
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-def _ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def render_prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
-    """Ids of the prompt rendered with the chat template plus the generation prompt.
-
-    Raises:
-        DataError: the tokenizer has no chat template.
-    """
-    return _ids(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True))
-
-
-def render_response_ids(tokenizer: Any, prompt: Sequence[Message], reply: Sequence[Message]) -> list[int]:
-    """Ids of `reply` as the template renders it after `prompt`, ending at its last EOS.
-
-    Taken as the conversation's ids minus the prompt's when the prompt's ids are a prefix of them
-    (the usual case), else by tokenizing the reply's rendered text alone.
-    """
-    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
-    full_text = render_chat(tokenizer, list(prompt) + list(reply))
-    prompt_ids, full_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
-    if full_ids[: len(prompt_ids)] == prompt_ids:
-        response = full_ids[len(prompt_ids) :]
-    else:
-        response = _ids(tokenizer, full_text[len(prompt_text) :])
-    eos = tokenizer.eos_token_id
-    if eos is not None and eos in response:
-        last = len(response) - 1 - response[::-1].index(eos)
-        response = response[: last + 1]  # the template's newline after EOS is not generated
-    elif eos is not None:
-        response.append(eos)
-    return response
-
-
-def encode_pair(tokenizer: Any, pair: PreferenceRecord, max_length: int) -> EncodedPair:
-    """Tokenize a pair so that prompt + each response fits `max_length`.
-
-    The prompt is cut from the left (its end, next to the reply, matters most) to leave the longer
-    response room, keeping at least half of `max_length`; responses are then cut on the right.
-    """
-    prompt_ids = render_prompt_ids(tokenizer, pair.prompt)
-    chosen = render_response_ids(tokenizer, pair.prompt, pair.chosen)
-    rejected = render_response_ids(tokenizer, pair.prompt, pair.rejected)
-    longest = max(len(chosen), len(rejected))
-    prompt_ids = prompt_ids[-max(max_length - longest, max_length // 2) :]
-    room = max_length - len(prompt_ids)
-    return EncodedPair(prompt_ids, chosen[:room], rejected[:room])
-
-
-def encode_prompt(tokenizer: Any, prompt: Sequence[Message], max_length: int) -> list[int]:
-    """Prompt ids with the generation prompt, cut from the left to `max_length`."""
-    return render_prompt_ids(tokenizer, prompt)[-max_length:]
-
-
-def collate_pairs(batch: Sequence[EncodedPair], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors for a batch of pairs: rows [0, B) are chosen, [B, 2B) rejected.
-
-    Returns `input_ids`, `attention_mask` and `labels` ([2B, T]; -100 on prompt and padding).
-    """
-    import torch
-
-    rows = [(p.prompt_ids, p.chosen_ids) for p in batch]
-    rows += [(p.prompt_ids, p.rejected_ids) for p in batch]
-    width = max(len(prompt) + len(reply) for prompt, reply in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, (prompt, reply) in enumerate(rows):
-        ids = prompt + reply
-        input_ids[index, : len(ids)] = torch.tensor(ids)
-        attention[index, : len(ids)] = 1
-        labels[index, len(prompt) : len(ids)] = torch.tensor(reply, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
 # ---------------------------------------------------------------------------------------------

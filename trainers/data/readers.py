@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from trainers.errors import DataError
 from trainers.data.records import (
     ROLES,
     ChatRecord,
@@ -26,6 +25,7 @@ from trainers.data.records import (
     TextRecord,
     TokensRecord,
 )
+from trainers.errors import DataError
 
 MAX_REPORTED = 20
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")

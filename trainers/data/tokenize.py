@@ -1,74 +1,32 @@
 """Records to token ids: the one place that knows chat templates, prompt masking and NER alignment.
 
 Boundary: `trainers.data.records` + a Hugging Face fast tokenizer in, plain Python dicts of lists
-out (`input_ids`, `attention_mask`, `labels`); padding into tensors happens in `collate`.
+(or `EncodedPair`s) out; padding into tensors happens in `collate`, label sets in `labels`.
 
 - Chat: rendered with the tokenizer's chat template; `labels` are -100 everywhere except the
   assistant's tokens (from the template's `{% generation %}` markers, or, for templates without
   them, from the character spans of each assistant turn found by rendering prefixes).
 - NER: words are joined by single spaces (what a served model sees), and each word's label goes on
   its FIRST sub-word token; the other sub-words and special tokens get -100.
-- Tags: BIO and IOB1 are both accepted and normalised to BIO.
+- Preference pairs (reward, DPO) and prompts (PPO): the prompt rendered with the generation
+  prompt, each reply as the template renders it after that prompt, cut to fit `max_length`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from trainers.data.labels import normalize_tags
+from trainers.data.records import ChatRecord, Message, PreferenceRecord, TextRecord, TokensRecord
 from trainers.errors import DataError
-from trainers.data.records import ChatRecord, Message, TextRecord, TokensRecord
 
 IGNORE_INDEX = -100
 logger = logging.getLogger(__name__)
 
 Example = dict[str, Any]
-
-
-# ---- labels --------------------------------------------------------------------------------------
-
-
-def normalize_tags(tags: Sequence[str]) -> tuple[str, ...]:
-    """Return BIO tags: an IOB1 `I-X` starting an entity (after `O` or another type) becomes `B-X`.
-
-    Valid BIO passes through unchanged, so the function is safe on either scheme.
-    """
-    out, previous = [], "O"
-    for tag in tags:
-        if tag.startswith("I-") and (previous == "O" or previous[2:] != tag[2:]):
-            tag = "B-" + tag[2:]
-        out.append(tag)
-        previous = tag
-    return tuple(out)
-
-
-def bio_label_set(records: Sequence[TokensRecord]) -> list[str]:
-    """The BIO tag set of `records`: `O` first, then B- and I- of every entity type, sorted."""
-    types = sorted({tag[2:] for record in records for tag in record.tags if tag != "O"})
-    return ["O"] + [f"{prefix}-{kind}" for kind in types for prefix in ("B", "I")]
-
-
-def class_label_set(records: Sequence[TextRecord]) -> list[str]:
-    """Sorted labels; numerically when every label is an integer, so "10" follows "9"."""
-    labels = {record.label for record in records}
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
-
-
-def check_eval_labels(train_labels: Sequence[str], eval_records: Sequence[Any], field: str) -> None:
-    """Raise DataError for eval records whose label (or tag) never occurs in the training data."""
-    from trainers.data.readers import Problems
-
-    known, problems = set(train_labels), Problems()
-    for record in eval_records:
-        values = getattr(record, field)
-        values = values if isinstance(values, tuple) else (values,)
-        unseen = sorted({value for value in values if value not in known})
-        if unseen:
-            problems.add(record.origin, f"label {', '.join(map(repr, unseen))} is not in the train data")
-    problems.raise_if_any("Every eval label must occur in the train data; add examples or drop rows.")
 
 
 # ---- classification ------------------------------------------------------------------------------
@@ -214,3 +172,70 @@ def tokenize_instruction(records: Sequence[ChatRecord], tokenizer: Any, max_leng
             "Raise --max-length or shorten the prompts.",
         )
     return examples
+
+
+# ---- preference pairs and prompts ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of a pair: the shared prompt and both responses (ending with EOS if it fit)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def _ids(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def render_prompt_ids(tokenizer: Any, prompt: Sequence[Message]) -> list[int]:
+    """Ids of the prompt rendered with the chat template plus the generation prompt.
+
+    Raises:
+        DataError: the tokenizer has no chat template.
+    """
+    return _ids(tokenizer, render_chat(tokenizer, prompt, add_generation_prompt=True))
+
+
+def render_response_ids(tokenizer: Any, prompt: Sequence[Message], reply: Sequence[Message]) -> list[int]:
+    """Ids of `reply` as the template renders it after `prompt`, ending at its last EOS.
+
+    Taken as the conversation's ids minus the prompt's when the prompt's ids are a prefix of them
+    (the usual case), else by tokenizing the reply's rendered text alone.
+    """
+    prompt_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+    full_text = render_chat(tokenizer, list(prompt) + list(reply))
+    prompt_ids, full_ids = _ids(tokenizer, prompt_text), _ids(tokenizer, full_text)
+    if full_ids[: len(prompt_ids)] == prompt_ids:
+        response = full_ids[len(prompt_ids) :]
+    else:
+        response = _ids(tokenizer, full_text[len(prompt_text) :])
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in response:
+        last = len(response) - 1 - response[::-1].index(eos)
+        response = response[: last + 1]  # the template's newline after EOS is not generated
+    elif eos is not None:
+        response.append(eos)
+    return response
+
+
+def encode_pair(tokenizer: Any, pair: PreferenceRecord, max_length: int) -> EncodedPair:
+    """Tokenize a pair so that prompt + each response fits `max_length`.
+
+    The prompt is cut from the left (its end, next to the reply, matters most) to leave the longer
+    response room, keeping at least half of `max_length`; responses are then cut on the right.
+    """
+    prompt_ids = render_prompt_ids(tokenizer, pair.prompt)
+    chosen = render_response_ids(tokenizer, pair.prompt, pair.chosen)
+    rejected = render_response_ids(tokenizer, pair.prompt, pair.rejected)
+    longest = max(len(chosen), len(rejected))
+    prompt_ids = prompt_ids[-max(max_length - longest, max_length // 2) :]
+    room = max_length - len(prompt_ids)
+    return EncodedPair(prompt_ids, chosen[:room], rejected[:room])
+
+
+def encode_prompt(tokenizer: Any, prompt: Sequence[Message], max_length: int) -> list[int]:
+    """Prompt ids with the generation prompt, cut from the left to `max_length`."""
+    return render_prompt_ids(tokenizer, prompt)[-max_length:]
