@@ -14,12 +14,12 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.errors import AuthenticationError, BodyTooLargeError, error_response
-from server.feedback.routes import RATER_PATHS
+from server.feedback.auth import RATER_PATHS
 from server.metrics import NO_ADAPTER, Metrics
 
 PUBLIC_PATHS = frozenset({"/health"}) | RATER_PATHS
-"""Paths served without an API key: /health, and the rating paths, which the feedback router
-authenticates itself (API key or rater token)."""
+"""Paths served without an API key: /health, and the rating paths, whose rule (API key or rater token)
+`server.feedback.auth` holds and the rating routes apply before reading a body."""
 
 
 class MetricsMiddleware:

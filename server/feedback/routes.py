@@ -9,15 +9,14 @@
   a per-rater shuffled order, without saying which adapter made which (mapped back server-side).
 - `GET /v1/feedback/progress[?rater=]` and `GET /feedback` (the page, `server/static/feedback.html`).
 
-Access: the rating paths (`RATER_PATHS`) authenticate here, accepting the API key or the separate
-rater token (`ServerConfig.rater_token`); the rater token opens nothing else. Boundary: HTTP only;
-storage is `server.feedback.store`, generation is `server.dispatch`.
+Access: the rating paths (`server.feedback.auth.RATER_PATHS`) are checked here, before the body, by
+`server.feedback.auth`: the API key or the separate rater token (`ServerConfig.rater_token`), which opens
+nothing else. Boundary: HTTP only; storage is `server.feedback.store`, generation is `server.dispatch`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
 import secrets
@@ -29,17 +28,17 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from hub.store import LocalStore
 from server import dispatch
 from server.config import ServerConfig
-from server.errors import AuthenticationError, InvalidInputError
+from server.errors import InvalidInputError
+from server.feedback.auth import check_rater_access
 from server.feedback.store import (
-    DB_FILE,
     MAX_COMMENT_LENGTH,
     MAX_RATER_LENGTH,
     VIEW_CHOICES,
     FeedbackStore,
     Pair,
+    default_db_path,
     to_view,
 )
 from server.prompts import chat_ids, check_length, check_max_tokens
@@ -52,8 +51,6 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["Human feedback"])
 
 PAGE = Path(__file__).resolve().parents[1] / "static" / "feedback.html"
-RATER_PATHS = frozenset({"/feedback", "/v1/feedback", "/v1/feedback/next", "/v1/feedback/progress"})
-"""Paths this router authenticates itself (API key or rater token): the API-key middleware skips them."""
 PAGE_CHOICES = ["left", "right", "tie", "both_bad"]
 """What the page offers, keys 1-4 (left/right are mapped back to a/b per rater)."""
 _SEED_RANGE = 2**31
@@ -91,38 +88,10 @@ class JudgementRequest(BaseModel):
     comment: str | None = Field(default=None, max_length=MAX_COMMENT_LENGTH)
 
 
-# ---- settings, access and storage ---------------------------------------------------------------
-def rater_token(config: ServerConfig) -> str | None:
-    """The separate rater token the server runs with, if any."""
-    return getattr(config, "rater_token", None) or None
-
-
+# ---- settings and storage ----------------------------------------------------------------------
 def feedback_db(config: ServerConfig) -> Path:
     """The feedback database: `config.feedback_db`, else `<registry>/feedback.sqlite`."""
-    explicit = getattr(config, "feedback_db", None)
-    return Path(explicit) if explicit else LocalStore(config.registry).root / DB_FILE
-
-
-def check_rater_access(request: Request, config: ServerConfig) -> None:
-    """Let a request through with the API key or the rater token (open when the server has neither).
-
-    Raises:
-        AuthenticationError: a missing or wrong bearer token.
-    """
-    keys = [k.encode() for k in (config.api_key, rater_token(config)) if k]
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode()
-    # Compare against every key (no short-circuit), in constant time.
-    matches = [hmac.compare_digest(given, key) for key in keys]
-    if scheme.lower() == "bearer" and any(matches):
-        return
-    problem = "Invalid rater token." if header else "Missing rater token."
-    raise AuthenticationError(
-        problem, "Send `Authorization: Bearer <token>` with the server's rater token (or API key)."
-    )
+    return Path(config.feedback_db) if config.feedback_db else default_db_path(config.registry)
 
 
 async def open_store(request: Request, state: ServerState) -> FeedbackStore:
@@ -138,7 +107,7 @@ async def open_store(request: Request, state: ServerState) -> FeedbackStore:
 async def rater_store(request: Request) -> FeedbackStore:
     """Dependency of the rating routes: access checked first (before the body), then the store."""
     state: ServerState = request.app.state.server
-    check_rater_access(request, state.config)
+    check_rater_access(request.headers.get("authorization", ""), state.config)
     return await open_store(request, state)
 
 

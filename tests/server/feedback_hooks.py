@@ -16,6 +16,7 @@ from typing import Any
 
 import server.middleware
 from server.feedback import routes as feedback
+from server.feedback.auth import RATER_PATHS
 
 
 def has_router(app: Any) -> bool:
@@ -29,7 +30,7 @@ def has_router(app: Any) -> bool:
 
 def exempted_paths() -> frozenset[str]:
     """The middleware's public paths plus the rater paths."""
-    return frozenset(server.middleware.PUBLIC_PATHS) | feedback.RATER_PATHS
+    return frozenset(server.middleware.PUBLIC_PATHS) | RATER_PATHS
 
 
 def with_feedback(app: Any, *, rater_token: str | None = None, feedback_db: Path | None = None) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import server.middleware
 from hub.store import LocalStore
 from server.config import ServerConfig
-from server.feedback import routes as feedback
+from server.feedback.auth import RATER_PATHS
 from server.feedback.store import FeedbackStore
 from tests.server.fakes import FakeServer, populate
 from tests.server.feedback_hooks import exempted_paths, has_router, with_feedback
@@ -285,7 +285,7 @@ def test_the_server_itself_mounts_and_configures_feedback(shared_store: LocalSto
         pytest.skip("the feedback hooks are not applied to server/ yet (config, cli, app, middleware)")
     from server import cli
 
-    assert feedback.RATER_PATHS <= SERVER_PUBLIC_PATHS
+    assert RATER_PATHS <= SERVER_PUBLIC_PATHS
     assert has_router(FakeServer(shared_store).app)
     db_path = tmp_path / "fb.sqlite"
     flags = ["--rater-token", RATER_TOKEN, "--api-key", API_KEY, "--feedback-db", str(db_path)]
