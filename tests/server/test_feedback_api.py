@@ -7,16 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-import server.middleware
 from hub.store import LocalStore
-from server.config import ServerConfig
 from server.feedback.auth import RATER_PATHS
 from server.feedback.store import FeedbackStore
+from server.middleware import PUBLIC_PATHS
 from tests.server.fakes import FakeServer, populate
-from tests.server.feedback_hooks import exempted_paths, has_router, with_feedback
-
-SERVER_PUBLIC_PATHS = server.middleware.PUBLIC_PATHS
-"""As the server defines them (the autouse fixture below patches the module attribute)."""
 
 API_KEY = "admin-key"
 RATER_TOKEN = "rater-secret"
@@ -28,15 +23,7 @@ ASSISTANT_TURN = {"role": "assistant", "content": "a"}
 
 def start(store: LocalStore, db_path, **kwargs) -> FakeServer:
     """A fake server over the shared registry with its own feedback database."""
-    rater_token = kwargs.pop("rater_token", None)
-    fake = FakeServer(store, max_new_tokens=64, **kwargs)
-    with_feedback(fake.app, rater_token=rater_token, feedback_db=db_path)
-    return fake.__enter__()
-
-
-@pytest.fixture(autouse=True)
-def rater_paths_exempt(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server.middleware, "PUBLIC_PATHS", exempted_paths())
+    return FakeServer(store, max_new_tokens=64, feedback_db=db_path, **kwargs).__enter__()
 
 
 @pytest.fixture(scope="module")
@@ -271,22 +258,19 @@ def test_page_is_served_with_a_nonce_policy(secured: FakeServer):
 
 
 def test_default_feedback_db_is_beside_the_registry(shared_store: LocalStore):
-    fake = FakeServer(shared_store, max_new_tokens=64)
-    with_feedback(fake.app)
-    with fake:
+    with FakeServer(shared_store, max_new_tokens=64) as fake:
         pair_id = make_pair(fake)["pair_id"]
     assert FeedbackStore(shared_store.root / "feedback.sqlite", create=False).get_pair(pair_id)
     assert shared_store.list()  # the registry still lists its adapters beside the database files
 
 
-def test_the_server_itself_mounts_and_configures_feedback(shared_store: LocalStore, tmp_path):
-    """The hooks in server/ (router in create_app, exemptions, config fields, serve flags)."""
-    if not hasattr(ServerConfig(), "rater_token"):
-        pytest.skip("the feedback hooks are not applied to server/ yet (config, cli, app, middleware)")
+def test_the_server_mounts_and_configures_feedback(shared_store: LocalStore, tmp_path):
+    """create_app mounts the routes, the middleware leaves the rater paths to them, serve takes the flags."""
     from server import cli
 
-    assert RATER_PATHS <= SERVER_PUBLIC_PATHS
-    assert has_router(FakeServer(shared_store).app)
+    assert RATER_PATHS <= PUBLIC_PATHS
+    client = FakeServer(shared_store).client  # not started: no engine, but the page needs none
+    assert client.get("/feedback").status_code == 200
     db_path = tmp_path / "fb.sqlite"
     flags = ["--rater-token", RATER_TOKEN, "--api-key", API_KEY, "--feedback-db", str(db_path)]
     config = cli.config_from_args(cli.build_parser().parse_args(flags))

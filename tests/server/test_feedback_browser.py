@@ -20,11 +20,9 @@ from pathlib import Path
 
 import pytest
 
-import server.middleware
 from hub.store import LocalStore
 from server.feedback.store import FeedbackStore, Pair
 from tests.server.fakes import FakeServer, register
-from tests.server.feedback_hooks import exempted_paths, with_feedback
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(120)]
 
@@ -68,11 +66,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Feedba
     root = tmp_path_factory.mktemp("feedback-browser")
     registry = LocalStore(root / "registry")
     register(registry, "chat")
-    fake = FakeServer(registry, api_key=API_KEY)
-    with_feedback(fake.app, rater_token=RATER_TOKEN, feedback_db=root / "feedback.sqlite")
-    saved = server.middleware.PUBLIC_PATHS
-    server.middleware.PUBLIC_PATHS = exempted_paths()
-    store = FeedbackStore(root / "feedback.sqlite")
+    db_path = root / "feedback.sqlite"
+    fake = FakeServer(registry, api_key=API_KEY, rater_token=RATER_TOKEN, feedback_db=db_path)
+    store = FeedbackStore(db_path)
     pairs = [
         store.add_pair(prompt, a, b, adapter_a="chat", version_a=1, adapter_b="tiny", version_b=None)
         for prompt, a, b in PAIRS
@@ -102,7 +98,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Feedba
     finally:
         uv.should_exit = True
         thread.join(15)
-        server.middleware.PUBLIC_PATHS = saved
 
 
 def judgement(store: FeedbackStore, pair: Pair, rater: str):

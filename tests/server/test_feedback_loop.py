@@ -1,11 +1,10 @@
 """The human feedback loop end to end: serve -> pairs -> judgements -> export -> DPO -> serve the result.
 
-A real server process (`python -m tests.server.feedback_hooks`, i.e. `python -m server` plus any feedback
-hook the server still lacks) serves the tiny base and a LoRA instruction adapter on 127.0.0.1 with an API
-key and a rater token. Pairs are made over HTTP (two samples of the adapter, and adapter vs base), two
-raters judge them over HTTP through the shuffled left/right view, `adapterdock feedback export` writes the
-JSONL, `trainers.dpo` trains a DPO adapter on it (starting from the served adapter), and the same running
-server serves the new adapter and pairs it against the old one: the next round of the loop.
+A real server process (`python -m server`) serves the tiny base and a LoRA instruction adapter on 127.0.0.1
+with an API key and a rater token. Pairs are made over HTTP (two samples of the adapter, and adapter vs
+base), two raters judge them over HTTP through the shuffled left/right view, `adapterdock feedback export`
+writes the JSONL, `trainers.dpo` trains a DPO adapter on it (starting from the served adapter), and the same
+running server serves the new adapter and pairs it against the old one: the next round of the loop.
 """
 
 from __future__ import annotations
@@ -53,7 +52,7 @@ def live(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory) -> Itera
     registry = LocalStore(root / "registry")
     port, log = free_port(), root / "server.log"
     command = [
-        sys.executable, "-m", "tests.server.feedback_hooks",
+        sys.executable, "-m", "server",
         "--base", "tiny", "--quantize", "none", "--registry", str(registry.root), "--port", str(port),
         "--api-key", API_KEY, "--rater-token", RATER_TOKEN,
         "--max-new-tokens", "24", "--max-input-tokens", "256", "--log-level", "warning",
