@@ -1,11 +1,10 @@
-"""Base models: the built-in `tiny` and `small` Llamas, name resolution, and the base fingerprint.
+"""Naming a base (built-in, folder, registry model, HF id) resolved to a folder, and its fingerprint.
 
-A base is named by a built-in name, a local HF-format folder, `registry:NAME[@VERSION]` (a full
-fine-tune in the registry) or an HF model id (taken from the local HF cache). Built-ins are made
-locally and deterministically (fixed seeds, a BPE tokenizer trained on the shipped
-`builtin/corpus.txt`), so nothing is downloaded.
-Boundary: numpy, safetensors and tokenizers only; no torch. The fingerprint identifies exact weights
-cheaply (config, safetensors headers and the weight bytes, sampled for large models).
+A base is named by a built-in name (`hub/builtin_bases.py`: `smollm2-135m`, `tiny`, `small`), a local
+HF-format folder, `registry:NAME[@VERSION]` (a full fine-tune in the registry) or an HF model id (from the
+local HF cache, else downloaded from the Hub). Boundary: numpy and safetensors headers only; no torch. The
+fingerprint identifies exact weights cheaply (config, safetensors headers and the weight bytes, sampled for
+large models), so the same base gives the same fingerprint on every machine.
 """
 
 from __future__ import annotations
@@ -14,43 +13,19 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import shutil
-import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hub.errors import BaseNotFoundError, CorruptAdapterError
+from hub.adapter_format import read_safetensors_header
+from hub.builtin_bases import BUILTIN_BASES, builtin_path
+from hub.errors import BaseNotFoundError
 from hub.manifest import BaseSpec
 
 logger = logging.getLogger(__name__)
 
-CACHE_ENV = "ADAPTERDOCK_CACHE"
-BUILTIN_VERSION = 1
-SEED = 1234
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-PAD, BOS, EOS_TEXT, IM_START, IM_END = range(len(SPECIAL_TOKENS))
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}{{- '\\n' }}"
-    "{%- else %}{{- message['content'] + '<|im_end|>' + '\\n' }}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-BUILTIN_BASES: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=4),
-}  # fmt: skip
-VOCAB_SIZE = 4096
-MAX_POSITIONS = 1024
 _FULL_HASH_LIMIT = 256 << 20
 _SAMPLE_CHUNKS, _CHUNK = 64, 64 << 10
 
@@ -69,152 +44,6 @@ class BaseInfo:
         return BaseSpec(name_or_path=self.name_or_path, fingerprint=self.fingerprint)
 
 
-def bases_cache_dir() -> Path:
-    """Where built-ins are built once: `$ADAPTERDOCK_CACHE/bases`, else `~/.cache/adapterdock/bases`."""
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "adapterdock"
-    return Path(root) / "bases"
-
-
-# ---- building the built-ins -------------------------------------------------------------------
-def llama_config(name: str) -> dict[str, Any]:
-    """The HF config.json of built-in base `name`."""
-    dims = BUILTIN_BASES[name]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": VOCAB_SIZE,
-        **dims,
-        "head_dim": dims["hidden_size"] // dims["num_attention_heads"],
-        "hidden_act": "silu",
-        "max_position_embeddings": MAX_POSITIONS,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": 0.02,
-        "bos_token_id": BOS,
-        "eos_token_id": IM_END,
-        "pad_token_id": PAD,
-        "torch_dtype": "float32",
-        "adapterdock_builtin": f"{name}-v{BUILTIN_VERSION}",
-    }
-
-
-def _weights(config: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Deterministic N(0, 0.02) weights in HF Llama names; each tensor seeded by its name."""
-    h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = config["head_dim"]
-    kv = config["num_key_value_heads"] * head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (config["num_attention_heads"] * head_dim, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, config["num_attention_heads"] * head_dim),
-            p + "mlp.gate_proj.weight": (inter, h),
-            p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
-    shapes |= {"model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
-    tensors = {}
-    for name, shape in shapes.items():
-        if len(shape) == 1:
-            tensors[name] = np.ones(shape, dtype=np.float32)
-            continue
-        seed = int.from_bytes(hashlib.sha256(f"{SEED}:{name}".encode()).digest()[:8], "little")
-        rng = np.random.default_rng(seed)
-        tensors[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
-    return tensors
-
-
-def train_tokenizer() -> Any:
-    """Train the built-ins' byte-level BPE on the shipped corpus (single-threaded, so deterministic)."""
-    os.environ.setdefault("RAYON_NUM_THREADS", "1")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    corpus = (Path(__file__).parent / "builtin" / "corpus.txt").read_text(encoding="utf-8").splitlines()
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
-    return tokenizer
-
-
-def _tokenizer_files(out: Path) -> None:
-    train_tokenizer().save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "<|im_end|>",
-        "pad_token": "<pad>",
-        "model_max_length": MAX_POSITIONS,
-        "padding_side": "right",
-        "clean_up_tokenization_spaces": False,
-        "add_bos_token": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    _write_json(out / "tokenizer_config.json", config)
-    _write_json(
-        out / "special_tokens_map.json",
-        {"bos_token": "<s>", "eos_token": "<|im_end|>", "pad_token": "<pad>"},
-    )
-
-
-def create_builtin_base(name: str, out_dir: str | Path) -> Path:
-    """Write built-in base `name` (config, safetensors weights, tokenizer, chat template) into `out_dir`.
-
-    Raises:
-        BaseNotFoundError: if `name` is not a built-in.
-    """
-    if name not in BUILTIN_BASES:
-        raise BaseNotFoundError(f"{name!r} is not a built-in base; built-ins: {', '.join(BUILTIN_BASES)}.")
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = llama_config(name)
-    _write_json(out / "config.json", config)
-    _write_json(
-        out / "generation_config.json",
-        {"bos_token_id": BOS, "eos_token_id": IM_END, "pad_token_id": PAD, "do_sample": False},
-    )
-    save_file(_weights(config), str(out / "model.safetensors"), metadata={"format": "pt"})
-    _tokenizer_files(out)
-    logger.info("built base %s in %s", name, out)
-    return out
-
-
-def _builtin_path(name: str) -> Path:
-    """The cached folder of built-in `name`, building it once (atomically) if absent."""
-    target = bases_cache_dir() / f"{name}-v{BUILTIN_VERSION}"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{name}.{uuid.uuid4().hex}.tmp"
-    try:
-        create_builtin_base(name, staging)
-        os.rename(staging, target)
-    except OSError:
-        if not (target / "model.safetensors").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 # ---- resolution and fingerprint ----------------------------------------------------------------
 def resolve_base(name_or_path: str, registry: str | Path | None = None) -> BaseInfo:
     """Find base `name_or_path` and fingerprint it.
@@ -227,7 +56,7 @@ def resolve_base(name_or_path: str, registry: str | Path | None = None) -> BaseI
         BaseNotFoundError: if it cannot be found; the message lists the accepted forms.
     """
     if name_or_path in BUILTIN_BASES:
-        path = _builtin_path(name_or_path)
+        path = builtin_path(name_or_path)
     elif name_or_path.startswith("registry:"):
         path = _registry_model_path(name_or_path.removeprefix("registry:"), registry)
     elif Path(name_or_path).expanduser().is_dir():
@@ -266,31 +95,6 @@ def _hf_snapshot(repo_id: str) -> Path:
         raise BaseNotFoundError(
             f"Base {repo_id!r} is not built in, not a folder, and not downloadable: {exc}."
         ) from exc
-
-
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file, read without loading tensors.
-
-    Raises:
-        CorruptAdapterError: if the header is truncated, absurdly large or not JSON.
-    """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        raw = handle.read(8)
-        if len(raw) != 8:
-            raise CorruptAdapterError(f"{path} is too short to be a safetensors file.")
-        (length,) = struct.unpack("<Q", raw)
-        if length > min(size - 8, 100 << 20):
-            raise CorruptAdapterError(
-                f"{path}: safetensors header claims {length} bytes; the file has {size}."
-            )
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptAdapterError(f"{path}: safetensors header is not valid JSON ({exc}).") from exc
-    if not isinstance(header, dict):
-        raise CorruptAdapterError(f"{path}: safetensors header is not a JSON object.")
-    return header
 
 
 def base_fingerprint(path: str | Path) -> str:
@@ -351,7 +155,3 @@ def describe_base(info: BaseInfo) -> dict[str, Any]:
         "dtype": ", ".join(sorted(dtypes)),
         "fingerprint": info.fingerprint,
     }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

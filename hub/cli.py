@@ -12,10 +12,12 @@ import logging
 import sys
 from pathlib import Path
 
-from hub.bases import BUILTIN_BASES, create_builtin_base, describe_base, resolve_base
+from hub.bases import describe_base, resolve_base
+from hub.builtin_bases import BUILTIN_BASES, create_builtin_base
 from hub.compat import check_fits_base
 from hub.errors import AdapterDockError, BaseMismatchError
 from hub.manifest import TASKS, Manifest
+from hub.remote_cli import add_remote_commands
 from hub.store import LocalStore, default_registry_root, detect_adapter_format
 
 REGISTRY_HELP = "registry folder (default: $ADAPTERDOCK_REGISTRY or ./adapters)"
@@ -39,8 +41,10 @@ def build_base_parser(prog: str = "adapterdock base") -> argparse.ArgumentParser
         "create",
         formatter_class=help_formatter,
         help="write a built-in base (weights, tokenizer, chat template) to a folder",
-        description="Write a built-in base model, deterministically, in HF format.",
-        epilog="example:\n  adapterdock base create small --out ./small-base",
+        description="Write a built-in base model, deterministically, in HF format: "
+        + "; ".join(f"{b.name}: {b.summary}" for b in BUILTIN_BASES.values())
+        + ".",
+        epilog="example:\n  adapterdock base create smollm2-135m --out ./smollm2-base",
     )
     create.add_argument("name", choices=sorted(BUILTIN_BASES), help="built-in base to create")
     create.add_argument("--out", required=True, type=Path, help="folder to write (created if absent)")
@@ -91,6 +95,8 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     show = sub.add_parser("show", formatter_class=help_formatter, help="print an adapter's manifest and card",
                           epilog="example:\n  adapterdock hub show sentiment@2")  # fmt: skip
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@TAG")
+    show.add_argument("--resolve", action="store_true",
+                      help="print only the immutable NAME@VERSION the reference names now (send that to vLLM)")  # fmt: skip
 
     rm = sub.add_parser(
         "rm",
@@ -124,12 +130,7 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
                      help="how it was trained (default lora)")  # fmt: skip
     imp.add_argument("--tag", action="append", default=[], help="tag the new version (repeatable)")
 
-    try:
-        from hub.remote_cli import add_remote_commands
-    except ImportError:  # the remote hub client is optional at import time
-        pass
-    else:
-        add_remote_commands(sub)
+    add_remote_commands(sub, help_formatter)
     return parser
 
 
@@ -148,6 +149,9 @@ def run_hub(args: argparse.Namespace) -> int:
             print(f"{m.ref:32} {m.task:14} {m.method:10} [{tags}] {m.base.name_or_path} {metrics}")
         return 0
     if args.command == "show":
+        if args.resolve:  # a tag moves; the version it names now does not (docs/scaling.md)
+            print(store.resolve(args.ref))
+            return 0
         stored = store.get(args.ref)
         print(stored.manifest.to_json())
         card = stored.path / "README.md"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from hub.bases import BaseInfo, base_fingerprint, create_builtin_base, describe_base, resolve_base
+from hub.bases import BaseInfo, base_fingerprint, describe_base, resolve_base
+from hub.builtin_bases import create_builtin_base
 from hub.errors import BaseNotFoundError
 
 
