@@ -28,7 +28,8 @@ from typing import Any
 from hub.errors import AdapterDockError
 from hub.ref import AdapterRef
 from hub.store import LocalStore, write_atomic
-from server.feedback.store import DB_FILE, FeedbackStore, Judgement, Pair
+from server.feedback.records import Judgement, Pair
+from server.feedback.store import DB_FILE, FeedbackStore
 
 EPILOG = """\
 examples:

@@ -32,15 +32,8 @@ from server import dispatch
 from server.config import ServerConfig
 from server.errors import InvalidInputError
 from server.feedback.auth import check_rater_access
-from server.feedback.store import (
-    MAX_COMMENT_LENGTH,
-    MAX_RATER_LENGTH,
-    VIEW_CHOICES,
-    FeedbackStore,
-    Pair,
-    default_db_path,
-    to_view,
-)
+from server.feedback.records import MAX_COMMENT_LENGTH, MAX_RATER_LENGTH, VIEW_CHOICES, Pair, to_view
+from server.feedback.store import FeedbackStore, default_db_path
 from server.prompts import chat_ids, check_length, check_max_tokens
 from server.resolver import GENERATE
 from server.runtime import ServerState, State

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from hub.store import LocalStore
-from server.feedback.store import FeedbackStore, Pair
+from server.feedback.records import Pair
+from server.feedback.store import FeedbackStore
 from tests.server.fakes import FakeServer, register
 
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(120)]

@@ -10,7 +10,8 @@ import pytest
 
 from hub.store import LocalStore
 from server.feedback.cli import main
-from server.feedback.store import FeedbackStore, Pair
+from server.feedback.records import Pair
+from server.feedback.store import FeedbackStore
 from tests.server.fakes import register
 from trainers.data.preference import read_preference_pairs
 

@@ -12,16 +12,12 @@ from pathlib import Path
 import pytest
 
 from hub.errors import AdapterDockError
+from server.feedback.records import InvalidJudgementError, Pair, swapped_for, to_canonical, to_view
 from server.feedback.store import (
     FeedbackDatabaseNotFoundError,
     FeedbackStore,
-    InvalidJudgementError,
-    Pair,
     PairNotFoundError,
     default_db_path,
-    swapped_for,
-    to_canonical,
-    to_view,
 )
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
