@@ -104,7 +104,6 @@ def main() -> None:
         engine = Engine(
             base.path, base_name=args.base, quantize=args.quantize, max_adapters=max(args.adapters, 1),
             max_rank=16, max_batch_size=max(args.batch), max_seq_len=args.prompt_len + args.steps + 16,
-            base_fingerprint=base.fingerprint,
         )  # fmt: skip
         start_s = time.perf_counter() - started
         slots = [engine.load_adapter(n, *_stored(store, n)).slot for n in names] or [0]

@@ -11,13 +11,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI
 
 from hub.bases import BaseInfo, resolve_base
+from hub.remote import HubClient
 from hub.store import LocalStore
-from server import dispatch
+from server import leases
 from server.adapter_cache import AdapterCache
 from server.config import ServerConfig
 from server.errors import install_error_handlers
@@ -26,16 +26,16 @@ from server.metrics import Metrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from server.resolver import Resolver
 from server.routes import adapters, health, lorax, openai, tasks
-from server.runtime import ServerState
+from server.runtime import EngineLike, SchedulerLike, ServerState
 
 logger = logging.getLogger(__name__)
 
-EngineFactory = Callable[[ServerConfig, BaseInfo], Any]
-SchedulerFactory = Callable[[Any, ServerConfig], Any]
+EngineFactory = Callable[[ServerConfig, BaseInfo], EngineLike]
+SchedulerFactory = Callable[[EngineLike, ServerConfig], SchedulerLike]
 DRAIN_SECONDS = 10.0
 
 
-def build_engine(config: ServerConfig, base: BaseInfo) -> Any:
+def build_engine(config: ServerConfig, base: BaseInfo) -> EngineLike:
     """The real engine: the base loaded (quantized as configured) with adapter slots and a KV cache."""
     from server.engine import Engine
 
@@ -47,11 +47,10 @@ def build_engine(config: ServerConfig, base: BaseInfo) -> Any:
         max_rank=config.max_rank,
         max_batch_size=config.max_batch_size,
         max_seq_len=config.max_input_tokens + config.max_new_tokens,
-        base_fingerprint=base.fingerprint,
     )
 
 
-def build_scheduler(engine: Any, config: ServerConfig) -> Any:
+def build_scheduler(engine: EngineLike, config: ServerConfig) -> SchedulerLike:
     """The real scheduler over `engine`."""
     from server.scheduler import Scheduler
 
@@ -125,8 +124,8 @@ async def _start(
     state.scheduler = scheduler_factory(state.engine, config)
     await state.scheduler.start()
     state.store = LocalStore(config.registry)
-    hub = {"hub_endpoint": config.hub, "hub_token": config.hub_token, "hub_refresh_s": config.hub_refresh}
-    state.resolver = Resolver(state.store, base, **hub)
+    hub = HubClient(config.hub, config.hub_token) if config.hub else None
+    state.resolver = Resolver(state.store, base, hub=hub, hub_refresh_s=config.hub_refresh)
     state.cache = AdapterCache(
         state.engine.unload_adapter,
         max_adapters=config.max_adapters,
@@ -136,7 +135,7 @@ async def _start(
     state.metrics.bind(cache=state.cache, scheduler=state.scheduler, engine=state.engine)
     for ref in config.preload:
         resolved = await asyncio.to_thread(state.resolver.resolve, ref)
-        await dispatch.pin(state, resolved)
+        await leases.pin(state, resolved)
         logger.info("preloaded and pinned %s as %s", ref, resolved.key)
     state.ready = True
     logger.info("serving base %s with registry %s", base.name_or_path, state.store.root)

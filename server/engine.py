@@ -8,9 +8,9 @@ at the front of the cache (a finished row is replaced by the last one), so a dec
 views, never a gather of the cache.
 
 Boundary: tensors, slots and token ids. Only the scheduler's worker thread calls `prefill`, `decode`,
-`release` and `encode`; `load_adapter` / `unload_adapter` may run on any thread (a load reads and
-checks files first, then copies into a slot no running row uses). Nothing here knows about HTTP,
-queues or text streaming.
+`release` and `encode` (a forward that overlaps another raises `ConcurrentForwardError`);
+`load_adapter` / `unload_adapter` may run on any thread (a load reads and checks files first, then
+copies into a slot no running row uses). Nothing here knows about HTTP, queues or text streaming.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from hub.errors import AdapterDockError, BaseMismatchError
 from hub.manifest import Manifest
 from server.adapter_weights import BaseLayout, read_adapter
+from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
 from server.lora_batch import AdapterBanks
 from server.model_loader import load_base
@@ -37,18 +37,6 @@ logger = logging.getLogger(__name__)
 # plan per new key length, i.e. on every decode step (~10 ms per layer on an H100, measured in
 # benchmarks/results/decode_step_profile_h100.md); the memory-efficient kernel takes our masks as is.
 SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-class EngineCapacityError(AdapterDockError, RuntimeError):
-    """Every adapter slot or batch row is taken."""
-
-    default_remedy = "Unload an adapter, or restart with a larger --max-adapters / --max-batch-size."
-
-
-class SequenceTooLongError(AdapterDockError, ValueError):
-    """A prompt (plus the tokens it asks for) that does not fit the engine's context window."""
-
-    default_remedy = "Shorten the input or ask for fewer new tokens."
 
 
 @dataclass
@@ -90,7 +78,6 @@ class Engine:
         max_rank: int = 64,
         max_batch_size: int = 16,
         max_seq_len: int = 1024,
-        base_fingerprint: str | None = None,
         device: torch.device | None = None,
     ) -> None:
         """Load the base, wrap its linears with adapter banks, and allocate the KV cache.
@@ -103,14 +90,11 @@ class Engine:
             max_rank: largest LoRA rank (and bottleneck size) a slot holds.
             max_batch_size: rows of the KV cache (sequences decoding at once).
             max_seq_len: prompt + generated tokens per sequence.
-            base_fingerprint: the base's fingerprint; adapters whose manifest names another are
-                refused with BaseMismatchError.
         """
         from transformers import AutoTokenizer
 
         self.base_name = base_name
         self.base_path = Path(base_path)
-        self.base_fingerprint = base_fingerprint
         loaded = load_base(base_path, quantize, device)
         self.model, self.device, self.dtype = loaded.model, loaded.device, loaded.dtype
         self.quantize = quantize
@@ -153,17 +137,14 @@ class Engine:
     def load_adapter(self, key: str, folder: Path, manifest: Manifest) -> LoadedAdapter:
         """Read, check and copy an adapter into a free slot. Blocking; safe from any thread.
 
+        The manifest's base fingerprint was checked by `server.resolver` (the one check on the request
+        path); here the weights are checked against the loaded base's shapes.
+
         Raises:
             CorruptAdapterError: unreadable or ill-fitting files (nothing is loaded).
-            BaseMismatchError: the manifest names another base fingerprint.
+            BaseMismatchError: weights shaped for another base.
             EngineCapacityError: every slot is taken.
         """
-        fingerprint = manifest.base.fingerprint
-        if self.base_fingerprint and fingerprint and fingerprint != self.base_fingerprint:
-            raise BaseMismatchError(
-                f"{key} was trained on base {manifest.base.name_or_path} ({fingerprint[:19]}), "
-                f"not on the served base {self.base_name} ({self.base_fingerprint[:19]})."
-            )
         weights = read_adapter(folder, manifest, self.layout, max_rank=self.max_rank)
         head = None
         if weights.head_weight is not None:
@@ -353,14 +334,10 @@ class Engine:
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:  # one mask row per folded query head (see _attention), built once
             mask = mask.repeat(1, 1, groups, 1)
-        self.banks.context = self.banks.context_for(slots)
-        try:
-            with sdpa_kernel(SDPA_BACKENDS):
-                rope = (cos, sin)
-                for index, layer in enumerate(inner.layers):
-                    hidden = self._layer(index, layer, hidden, rope, mask, positions, cache_rows, decoding)
-        finally:
-            self.banks.context = None
+        with self.banks.forward(slots), sdpa_kernel(SDPA_BACKENDS):
+            rope = (cos, sin)
+            for index, layer in enumerate(inner.layers):
+                hidden = self._layer(index, layer, hidden, rope, mask, positions, cache_rows, decoding)
         return inner.norm(hidden)
 
     def _mask(self, positions: torch.Tensor, lengths: torch.Tensor, decoding: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The server's own errors, and the one place where any error becomes an HTTP response.
 
 Boundary: the library layers (hub, resolver, cache, scheduler, engine) raise typed errors with
-remedies; this module maps them to statuses and OpenAI's error body
+remedies, the server's own ones defined here (torch-free, so the HTTP layer imports them normally); this
+module maps them, by class, to statuses and OpenAI's error body
 `{"error": {"message", "type", "code"}}`. No route builds an error body by hand, and no request ever
 gets a bare 500 with a traceback.
 """
@@ -102,6 +103,37 @@ class BodyTooLargeError(AdapterDockError, ValueError):
     default_remedy = "Send fewer or shorter inputs per request."
 
 
+class QueueFullError(AdapterDockError, RuntimeError):
+    """The scheduler's queue is full; the request was not accepted."""
+
+    default_remedy = "Retry after a short wait, or raise --max-queue."
+    retry_after: float = 1.0
+
+
+class SchedulerStoppedError(AdapterDockError, RuntimeError):
+    """The scheduler is stopping or stopped and takes no more work."""
+
+    default_remedy = "The server is shutting down; retry against a running server."
+
+
+class EngineCapacityError(AdapterDockError, RuntimeError):
+    """Every adapter slot or batch row is taken."""
+
+    default_remedy = "Unload an adapter, or restart with a larger --max-adapters / --max-batch-size."
+
+
+class SequenceTooLongError(AdapterDockError, ValueError):
+    """A prompt (plus the tokens it asks for) that does not fit the engine's context window."""
+
+    default_remedy = "Shorten the input or ask for fewer new tokens."
+
+
+class ConcurrentForwardError(AdapterDockError, RuntimeError):
+    """A forward pass started while another one runs: the engine runs one forward at a time."""
+
+    default_remedy = "Call the engine's forward methods only from the scheduler's worker thread."
+
+
 @dataclass(frozen=True)
 class ErrorSpec:
     """How one error class looks on the wire."""
@@ -136,13 +168,10 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     HubAuthError: ErrorSpec(502, "hub_auth_failed", "server_error"),
     HubError: ErrorSpec(502, "hub_unavailable", "server_error"),
     ServerConfigError: ErrorSpec(500, "server_misconfigured", "server_error"),
-}
-# Errors defined by the scheduler are matched by name, so this module does not import the compute stack.
-_SPECS_BY_NAME: dict[str, ErrorSpec] = {
-    "QueueFullError": ErrorSpec(503, "queue_full", "server_overloaded", retry_after=1),
-    "SchedulerStoppedError": ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
-    "EngineCapacityError": ErrorSpec(503, "engine_full", "server_overloaded", retry_after=1),
-    "SequenceTooLongError": ErrorSpec(400, "input_too_long"),
+    QueueFullError: ErrorSpec(503, "queue_full", "server_overloaded", retry_after=1),
+    SchedulerStoppedError: ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
+    EngineCapacityError: ErrorSpec(503, "engine_full", "server_overloaded", retry_after=1),
+    SequenceTooLongError: ErrorSpec(400, "input_too_long"),
 }
 _INTERNAL = ErrorSpec(500, "internal_error", "server_error")
 
@@ -152,8 +181,6 @@ def spec_for(exc: BaseException) -> ErrorSpec:
     for cls in type(exc).__mro__:
         if cls in _SPECS:
             return _SPECS[cls]
-        if cls.__name__ in _SPECS_BY_NAME:
-            return _SPECS_BY_NAME[cls.__name__]
     if isinstance(exc, AdapterDockError):
         if isinstance(exc, LookupError):
             return ErrorSpec(404, "not_found")

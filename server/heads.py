@@ -2,15 +2,22 @@
 
 Pooling follows transformers' `LlamaForSequenceClassification` exactly (the rightmost token that is not
 the pad token); NER scores every token and decodes BIO tags into character spans using the fast
-tokenizer's offsets. Boundary: pure functions of hidden states, head weights and token offsets; no
-model, no batching, no HTTP.
+tokenizer's offsets. `task_result` turns one input's hidden states into what its endpoint answers.
+Boundary: pure functions of hidden states, head weights and token offsets; no model, no batching, no
+HTTP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from server.requests import TaskInput
+
+CLASSIFICATION, NER, REWARD = "classification", "ner", "reward"
+"""The task kinds a head serves (the manifest's task names)."""
 
 
 @dataclass
@@ -25,6 +32,29 @@ class Head:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = hidden.to(self.weight.dtype) @ self.weight.t()
         return logits + self.bias if self.bias is not None else logits
+
+
+def task_result(
+    kind: str,
+    head: Head,
+    labels: list[str],
+    item: TaskInput,
+    states: torch.Tensor,
+    pad_token_id: int | None,
+) -> Any:
+    """What one task input answers, from its final hidden states ([tokens, hidden]).
+
+    Returns:
+        NER: entities (see `bio_entities`). Reward: the scalar score. Classification: see
+        `classification_result`.
+    """
+    if kind == NER:
+        assert item.offsets is not None, "NER inputs carry token offsets (server.prompts.task_inputs)"
+        return bio_entities(item.text, head(states), item.offsets, labels)
+    logits = head(states[last_non_pad_index(item.ids, pad_token_id)])
+    if kind == REWARD:
+        return float(logits[0])
+    return classification_result(logits, labels)
 
 
 def last_non_pad_index(token_ids: list[int], pad_token_id: int | None) -> int:

@@ -2,8 +2,10 @@
 
 Each target linear of the base gets preallocated banks, A: [slots, in, r_max], B: [slots, r_max, out]
 and scale: [slots]; slot 0 is "no adapter" and stays zero. Loading an adapter is a copy into a free
-slot (rank padded to r_max with zeros, which changes nothing). A forward pass sets one `RowContext`
-(each row's slot id); every wrapped linear then computes
+slot (rank padded to r_max with zeros, which changes nothing). A forward pass runs inside
+`AdapterBanks.forward(slots)`, which sets one `RowContext` (each row's slot id) for its duration and
+refuses, with `ConcurrentForwardError`, a second forward that would overlap it (the context is shared by
+every wrapped linear, so two at once would mix their rows' adapters); every wrapped linear then computes
 
     y = base(x) + scale[s] * (x @ A[s]) @ B[s]        for each row, with s = that row's slot,
 
@@ -15,7 +17,9 @@ lives in which slot is the engine's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from server.adapter_weights import AdapterWeights, BaseLayout
+from server.errors import ConcurrentForwardError
 
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
@@ -205,6 +210,9 @@ class AdapterBanks:
         self.num_slots, self.max_rank = num_slots, max_rank
         self.dtype, self.device = dtype, device
         self.context: RowContext | None = None
+        """The running forward's rows; set only by `forward`."""
+        self._forward_lock = threading.Lock()
+        self._forward_thread: str | None = None
         self.lora: dict[str, LoraBank] = {}
         self.bottleneck: dict[str, BottleneckBank] = {}
         self.slot_rank = [0] * num_slots
@@ -257,6 +265,28 @@ class AdapterBanks:
                 self.bottleneck[f"{layer}.{where}"] = BottleneckBank(
                     self.num_slots, self.layout.hidden_size, self.max_rank, self.dtype, self.device
                 )
+
+    @contextmanager
+    def forward(self, slots: list[int]) -> Iterator[RowContext]:
+        """Run one forward whose rows use `slots`: every wrapped linear reads this context meanwhile.
+
+        Raises:
+            ConcurrentForwardError: another forward is running (on another thread), whose rows'
+                adapters this one would overwrite.
+        """
+        if not self._forward_lock.acquire(blocking=False):
+            raise ConcurrentForwardError(
+                f"A forward started on thread {threading.current_thread().name!r} while one runs on "
+                f"{self._forward_thread!r}; the engine runs one forward at a time."
+            )
+        try:
+            self._forward_thread = threading.current_thread().name
+            self.context = self.context_for(slots)
+            yield self.context
+        finally:
+            self.context = None
+            self._forward_thread = None
+            self._forward_lock.release()
 
     def context_for(self, slots: list[int]) -> RowContext:
         """The context of a forward whose rows use `slots` (one slot id per row)."""

@@ -1,8 +1,11 @@
-"""Turning request inputs into token ids, and enforcing the server's size limits on them.
+"""Turning request inputs into token ids, once, and enforcing the server's size limits on them.
 
-Boundary: the one place in the HTTP layer that touches the tokenizer: OpenAI prompts (text or token ids),
-chat messages through the base's chat template, TGI inputs with `truncate`, and length checks. Long texts
-are encoded on a worker thread so the event loop never stalls on a big prompt.
+Boundary: where requests are tokenized: OpenAI prompts (text or token ids), chat messages through the
+base's chat template, TGI inputs, and task inputs (classify and NER texts, NER offsets, score pairs
+through the chat template), with the length checks on exactly the ids the model will see. The rest of
+the server gets ids (the completions route decodes token-id prompts only to `echo` them; the
+scheduler's detokenizer turns generated ids into text). Long texts are encoded on a worker thread so
+the event loop never stalls on a big prompt.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from server.config import ServerConfig
 from server.errors import InputTooLongError, InvalidInputError
+from server.requests import TaskInput
 
 _INLINE_CHARS = 4096
 """Texts up to this length are encoded inline; longer ones on a thread."""
@@ -25,9 +29,7 @@ async def encode(tokenizer: Any, text: str, *, add_special_tokens: bool = True) 
         InvalidInputError: `text` is not valid Unicode (see `check_unicode`).
     """
     check_unicode(text)
-    if len(text) <= _INLINE_CHARS:
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-    return list(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=add_special_tokens))
+    return list(await _maybe_on_thread(text, tokenizer.encode, text, add_special_tokens=add_special_tokens))
 
 
 def check_unicode(text: str) -> None:
@@ -51,6 +53,54 @@ async def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of `messages` rendered by the base's chat template, ending with the assistant's turn."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return await encode(tokenizer, text, add_special_tokens=False)
+
+
+async def task_inputs(
+    tokenizer: Any, texts: list[str], config: ServerConfig, *, offsets: bool = False
+) -> list[TaskInput]:
+    """Classify or NER inputs, tokenized once and checked against --max-input-tokens.
+
+    Args:
+        offsets: also record each token's character span (NER decodes entities with them).
+
+    Raises:
+        InvalidInputError: text that is not valid Unicode. InputTooLongError: an empty or too long input.
+    """
+    inputs = []
+    for index, text in enumerate(texts):
+        if offsets:
+            check_unicode(text)
+            enc = await _maybe_on_thread(text, tokenizer, text, return_offsets_mapping=True)
+            item = TaskInput(text, list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]])
+        else:
+            item = TaskInput(text, await encode(tokenizer, text))
+        check_length(item.ids, config, what=f"Input {index}")
+        inputs.append(item)
+    return inputs
+
+
+async def score_inputs(tokenizer: Any, pairs: list[tuple[str, str]], config: ServerConfig) -> list[TaskInput]:
+    """Reward inputs: each (prompt, response) rendered by the base's chat template, tokenized and checked.
+
+    Raises:
+        InvalidInputError: text that is not valid Unicode. InputTooLongError: an empty or too long input.
+    """
+    inputs = []
+    for index, (prompt, response) in enumerate(pairs):
+        check_unicode(prompt + response)
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        item = TaskInput(text, await encode(tokenizer, text, add_special_tokens=False))
+        check_length(item.ids, config, what=f"Input {index}")
+        inputs.append(item)
+    return inputs
+
+
+async def _maybe_on_thread(text: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, on a worker thread when `text` is long."""
+    if len(text) <= _INLINE_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.to_thread(fn, *args, **kwargs)
 
 
 def check_token_ids(ids: Sequence[Any], vocab_size: int) -> list[int]:

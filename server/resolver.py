@@ -15,7 +15,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from hub.bases import BaseInfo
 from hub.errors import AdapterDockError, AdapterNotFoundError, BaseMismatchError, InvalidReferenceError
@@ -24,6 +24,9 @@ from hub.ref import AdapterRef
 from hub.store import LocalStore, verify_files
 from server.errors import FullModelError, HubNotConfiguredError, WrongTaskError
 from server.hub_pulls import HubPullRecord, PulledAt
+
+if TYPE_CHECKING:
+    from hub.remote import HubClient
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +73,7 @@ class Resolver:
     Args:
         store: the local registry.
         base: the base model this server serves.
-        hub_endpoint: remote hub URL pulled from on a local miss; None never contacts a hub.
-        hub_token: token for that hub.
+        hub: the client of the remote hub pulled from on a local miss; None never contacts a hub.
         hub_refresh_s: seconds between checks that a pulled tag has not moved on the hub (0: every
             call; negative: never).
     """
@@ -81,17 +83,15 @@ class Resolver:
         store: LocalStore,
         base: BaseInfo,
         *,
-        hub_endpoint: str | None = None,
-        hub_token: str | None = None,
+        hub: HubClient | None = None,
         hub_refresh_s: float = 60.0,
     ) -> None:
         self.store = store
         self.base = base
-        self.hub_endpoint = hub_endpoint
+        self.hub = hub
+        self.hub_endpoint = hub.endpoint if hub is not None else None
         self.hub_refresh_s = hub_refresh_s
-        self._hub_token = hub_token
-        self._hub_client: Any | None = None
-        self._pulls = HubPullRecord(store.root, hub_endpoint) if hub_endpoint else None
+        self._pulls = HubPullRecord(store.root, hub.endpoint) if hub is not None else None
         self._pull_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -249,17 +249,9 @@ class Resolver:
             )
             return pulled
 
-    def _client(self) -> Any:
-        if self._hub_client is None:
-            try:
-                from hub.remote import HubClient
-            except ImportError as exc:
-                raise HubNotConfiguredError(
-                    "This installation has no remote hub client (hub.remote).",
-                    "Register the adapter locally with `adapterdock hub import`.",
-                ) from exc
-            self._hub_client = HubClient(self.hub_endpoint, self._hub_token)
-        return self._hub_client
+    def _client(self) -> HubClient:
+        assert self.hub is not None, "only called when a hub is configured"
+        return self.hub
 
     def _lock_for(self, name: str) -> threading.Lock:
         with self._locks_guard:

@@ -1,24 +1,61 @@
-"""The live state of one server app and the FastAPI dependencies that hand it to routes.
+"""The live state of one server app, what it needs of the engine and scheduler, and the route dependencies.
 
 Boundary: a plain container filled by `server.app`'s lifespan (base, engine, scheduler, registry, resolver,
-cache, metrics) plus `Annotated` dependency aliases. Routes receive it; they never reach for globals.
+cache, metrics) plus `Annotated` dependency aliases. Routes receive it; they never reach for globals. The
+engine and scheduler are typed by the Protocols below (`server.engine.Engine` and
+`server.scheduler.Scheduler` implement them, as do the fakes of the HTTP tests), so nothing here imports
+torch.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
 from hub.bases import BaseInfo
+from hub.manifest import Manifest
 from hub.store import LocalStore
 from server.adapter_cache import AdapterCache
 from server.config import ServerConfig
 from server.errors import NotReadyError
 from server.metrics import Metrics
+from server.requests import AdapterHandle, GenerationRequest, TaskInput, TokenEvent
 from server.resolver import Resolver
+
+
+class EngineLike(Protocol):
+    """What the HTTP layer uses of the engine: its tokenizer, adapter loads and its footprint."""
+
+    tokenizer: Any
+    """The base's (Hugging Face) tokenizer."""
+    memory_footprint: int
+
+    def load_adapter(self, key: str, folder: Path, manifest: Manifest) -> AdapterHandle: ...
+
+    def unload_adapter(self, adapter: Any) -> None: ...
+
+
+class SchedulerLike(Protocol):
+    """What the HTTP layer uses of the scheduler: its lifecycle, generations, task batches and stats."""
+
+    stats: dict[str, int]
+
+    async def start(self) -> None: ...
+
+    async def stop(self, drain_timeout: float = 10.0) -> None: ...
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]: ...
+
+    async def classify(self, adapter: Any, inputs: list[TaskInput]) -> list[dict]: ...
+
+    async def ner(self, adapter: Any, inputs: list[TaskInput]) -> list[list[dict]]: ...
+
+    async def score(self, adapter: Any, inputs: list[TaskInput]) -> list[float]: ...
 
 
 @dataclass
@@ -28,8 +65,8 @@ class ServerState:
     config: ServerConfig
     metrics: Metrics
     base: BaseInfo | None = None
-    engine: Any = None
-    scheduler: Any = None
+    engine: EngineLike | None = None
+    scheduler: SchedulerLike | None = None
     store: LocalStore | None = None
     resolver: Resolver | None = None
     cache: AdapterCache | None = None

@@ -4,11 +4,12 @@ Requests from the event loop go into a bounded queue; the worker admits generati
 KV-cache rows between decode steps (continuous batching), runs one shared decode step for every
 running sequence whatever its adapter, retires finished or cancelled ones, and batches pending
 classify / NER / score inputs of any adapters into shared forward passes. Token events flow back to
-each request's asyncio queue with `call_soon_threadsafe`. Text is detokenized incrementally; stop
-strings, stop tokens, `ignore_eos`, `min_tokens` and `max_new_tokens` are applied here.
+each request's asyncio queue with `call_soon_threadsafe`. Choosing tokens is `server.sampling`'s, turning
+them into text and stop decisions `server.detokenize`'s, and turning hidden states into task answers
+`server.heads`'; task inputs arrive tokenized (`server.prompts`).
 
-Boundary: no HTTP. The engine is only touched from the worker thread (adapter loads excepted, which
-the engine makes thread-safe).
+Boundary: batching and the worker thread; no HTTP, no tokenizing. The engine is only touched from the
+worker thread (adapter loads excepted, which the engine makes thread-safe).
 """
 
 from __future__ import annotations
@@ -20,105 +21,25 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hub.errors import AdapterDockError
-from server.engine import Engine, LoadedAdapter, SequenceTooLongError
-from server.heads import bio_entities, classification_result, last_non_pad_index
+from server.detokenize import SequenceOutput
+from server.engine import Engine, LoadedAdapter
+from server.errors import QueueFullError, SchedulerStoppedError, SequenceTooLongError
+from server.heads import CLASSIFICATION, NER, REWARD, task_result
+from server.requests import GenerationRequest, TaskInput, TokenEvent
+from server.sampling import new_generator, sample_tokens, suppress, token_logprobs
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFullError(AdapterDockError, RuntimeError):
-    """The scheduler's queue is full; the request was not accepted."""
-
-    default_remedy = "Retry after a short wait, or raise --max-queue."
-    retry_after: float = 1.0
-
-
-class SchedulerStoppedError(AdapterDockError, RuntimeError):
-    """The scheduler is stopping or stopped and takes no more work."""
-
-    default_remedy = "The server is shutting down; retry against a running server."
-
-
-@dataclass
-class GenerationRequest:
-    """One completion to generate."""
-
-    prompt_ids: list[int]
-    adapter: LoadedAdapter | None
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    ignore_eos: bool = False
-    min_tokens: int = 0
-
-
-@dataclass
-class TokenEvent:
-    """One generated token's text delta; the last event of a request carries `finish_reason`."""
-
-    text: str
-    token_id: int | None
-    finish_reason: str | None
-    """"stop" | "length" | None while running."""
-    logprob: float | None = None
-    """Log-probability of `token_id` under the model's (untempered) distribution, as TGI reports it."""
 
 
 _DONE = object()
 
 
-class _Detokenizer:
-    """Incremental detokenization (prefix/read offsets, as TGI and vLLM do) plus stop strings."""
-
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.prefix_offset = self.read_offset = 0
-        self.text = ""
-        self.emitted = 0
-        self.stop = [s for s in stop if s]
-
-    def add(self, token: int) -> None:
-        self.tokens.append(token)
-        decode = self.tokenizer.decode
-        prefix = decode(self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
-
-    def find_stop(self) -> int | None:
-        """Index in `text` where the earliest stop string begins, if any appeared."""
-        window = self.emitted - max((len(s) for s in self.stop), default=0)
-        hits = [i for s in self.stop if (i := self.text.find(s, max(0, window))) >= 0]
-        return min(hits) if hits else None
-
-    def take(self, upto: int | None = None, final: bool = False) -> str:
-        """Text not yet emitted, holding back a tail that could still become a stop string."""
-        end = len(self.text) if upto is None else upto
-        if not final and upto is None:
-            end -= self._held_back()
-        delta = self.text[self.emitted : end] if end > self.emitted else ""
-        self.emitted = max(self.emitted, end)
-        return delta
-
-    def _held_back(self) -> int:
-        for n in range(min(len(self.text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(self.text[-n:]) for s in self.stop):
-                return n
-        return 0
-
-
 class _GenJob:
-    """A generation request in flight: its stream, sampling state and detokenizer."""
+    """A generation request in flight: its stream, generator and output so far."""
 
     def __init__(self, seq_id: int, request: GenerationRequest, loop, tokenizer, device) -> None:
         self.seq_id = seq_id
@@ -127,15 +48,8 @@ class _GenJob:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.finished = False
-        self.generated = 0
-        self.detok = _Detokenizer(tokenizer, request.stop)
-        self.generator: torch.Generator | None = None
-        if request.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if request.seed is None:
-                self.generator.seed()
-            else:
-                self.generator.manual_seed(request.seed)
+        self.output = SequenceOutput(request, tokenizer)
+        self.generator = new_generator(request, device)
 
     @property
     def slot(self) -> int:
@@ -188,7 +102,7 @@ class _TokenStream:
 class _TaskJob:
     """A classify / NER / score call: its inputs, and the future its results resolve."""
 
-    def __init__(self, kind: str, adapter: LoadedAdapter, inputs: list[dict], loop) -> None:
+    def __init__(self, kind: str, adapter: LoadedAdapter, inputs: list[TaskInput], loop) -> None:
         self.kind, self.adapter, self.inputs, self.loop = kind, adapter, inputs, loop
         self.future: asyncio.Future = loop.create_future()
         self.results: list[Any] = [None] * len(inputs)
@@ -304,47 +218,31 @@ class Scheduler:
             self._cond.notify_all()
         return _TokenStream(job, self)
 
-    async def classify(self, adapter: LoadedAdapter, texts: list[str]) -> list[dict]:
-        """Label each text: [{"label": str, "scores": {label: probability}}]."""
-        inputs = [{"ids": self._tokenize(t)} for t in texts]
-        return await self._submit("classification", adapter, inputs)
+    async def classify(self, adapter: LoadedAdapter, inputs: list[TaskInput]) -> list[dict]:
+        """Label each input: [{"label": str, "scores": {label: probability}}]."""
+        return await self._submit(CLASSIFICATION, adapter, inputs)
 
-    async def ner(self, adapter: LoadedAdapter, texts: list[str]) -> list[list[dict]]:
-        """Entities of each text: [[{"type", "text", "start", "end", "score"}]]."""
-        inputs = []
-        for text in texts:
-            enc = self.engine.tokenizer(text, return_offsets_mapping=True)
-            self._check_input(enc["input_ids"])
-            inputs.append({"ids": enc["input_ids"], "offsets": enc["offset_mapping"], "text": text})
-        return await self._submit("ner", adapter, inputs)
+    async def ner(self, adapter: LoadedAdapter, inputs: list[TaskInput]) -> list[list[dict]]:
+        """Entities of each input (tokenized with offsets): [[{"type", "text", "start", "end", "score"}]]."""
+        return await self._submit(NER, adapter, inputs)
 
-    async def score(self, adapter: LoadedAdapter, pairs: list[tuple[str, str]]) -> list[float]:
-        """Scalar reward of each (prompt, response), rendered with the base's chat template."""
-        inputs = []
-        for prompt, response in pairs:
-            messages = [
-                {"role": "user", "content": prompt},
-                {"role": "assistant", "content": response},
-            ]
-            text = self.engine.tokenizer.apply_chat_template(messages, tokenize=False)
-            inputs.append({"ids": self._tokenize(text, add_special_tokens=False)})
-        return await self._submit("reward", adapter, inputs)
-
-    def _tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
-        self._check_input(ids)
-        return ids
+    async def score(self, adapter: LoadedAdapter, inputs: list[TaskInput]) -> list[float]:
+        """Scalar reward of each input (a prompt/response rendered with the base's chat template)."""
+        return await self._submit(REWARD, adapter, inputs)
 
     def _check_input(self, ids: list[int]) -> None:
+        """Refuse an input here, so it cannot fail the shared forward it would join."""
         if not ids or len(ids) > self.engine.max_seq_len:
             raise SequenceTooLongError(
                 f"An input of {len(ids)} tokens does not fit (1..{self.engine.max_seq_len})."
             )
 
-    async def _submit(self, kind: str, adapter: LoadedAdapter, inputs: list[dict]) -> list:
+    async def _submit(self, kind: str, adapter: LoadedAdapter, inputs: list[TaskInput]) -> list:
         self._admit_check()
         if not inputs:
             return []
+        for item in inputs:
+            self._check_input(item.ids)
         if adapter.head is None:
             raise ValueError(f"Adapter {adapter.key} ({adapter.task}) has no task head.")
         job = _TaskJob(kind, adapter, inputs, asyncio.get_running_loop())
@@ -424,42 +322,24 @@ class Scheduler:
     def _decode(self) -> None:
         order = self.engine.active_ids
         jobs = [self._running[i] for i in order]
-        logits = self.engine.decode([j.detok.tokens[-1] for j in jobs])
+        logits = self.engine.decode([j.output.last_token for j in jobs])
         self.stats["last_batch_size"] = len(jobs)
         self.stats["batches"] += 1
         self._emit(jobs, logits)
 
     def _emit(self, jobs: list[_GenJob], logits: torch.Tensor) -> None:
         """Sample one token per job, push its event, retire the finished."""
-        for i, job in enumerate(jobs):
-            if job.generated < job.request.min_tokens and self._eos:
-                logits[i, list(self._eos)] = float("-inf")
+        suppress(logits, [i for i, j in enumerate(jobs) if j.output.before_min_tokens], self._eos)
         tokens = sample_tokens(logits, [j.request for j in jobs], [j.generator for j in jobs])
-        chosen = torch.tensor(tokens, device=logits.device).unsqueeze(-1)
-        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(-1, chosen).squeeze(-1).tolist()
+        logprobs = token_logprobs(logits, tokens)
         self.stats["tokens_generated"] += len(jobs)
         for job, token, logprob in zip(jobs, tokens, logprobs, strict=True):
-            event = self._advance(job, token)
-            event.logprob = logprob if logprob != float("-inf") else None
+            event = job.output.advance(token, self._eos)
+            event.logprob = logprob
             job.push(event)
             if event.finish_reason is not None:
                 job.finished = True
                 self._retire(job)
-
-    def _advance(self, job: _GenJob, token: int) -> TokenEvent:
-        request = job.request
-        job.generated += 1
-        job.detok.add(token)
-        past_min = job.generated >= request.min_tokens
-        if token in self._eos and not request.ignore_eos and past_min:
-            return TokenEvent(job.detok.take(final=True), token, "stop")
-        if past_min and job.detok.stop:
-            cut = job.detok.find_stop()
-            if cut is not None:
-                return TokenEvent(job.detok.take(upto=cut), token, "stop")
-        if job.generated >= request.max_new_tokens:
-            return TokenEvent(job.detok.take(final=True), token, "length")
-        return TokenEvent(job.detok.take(), token, None)
 
     def _run_tasks(self) -> None:
         """One shared forward over pending task inputs of any adapters (up to max_task_rows)."""
@@ -476,10 +356,12 @@ class Scheduler:
             return
         try:
             hidden = self.engine.encode(
-                [job.inputs[i]["ids"] for job, i in batch], [job.adapter.slot for job, _ in batch]
+                [job.inputs[i].ids for job, i in batch], [job.adapter.slot for job, _ in batch]
             )
+            pad = self.engine.config.pad_token_id
             for (job, i), states in zip(batch, hidden, strict=True):
-                job.results[i] = self._head_output(job, job.inputs[i], states)
+                head, labels = job.adapter.head, job.adapter.labels
+                job.results[i] = task_result(job.kind, head, labels, job.inputs[i], states, pad)
         except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
             logger.exception("task batch failed")
             for job in {id(j): j for j, _ in batch}.values():
@@ -489,16 +371,6 @@ class Scheduler:
             job.done += 1
             if job.done == len(job.inputs):
                 job.resolve(job.results)
-
-    def _head_output(self, job: _TaskJob, item: dict, states: torch.Tensor) -> Any:
-        head, labels = job.adapter.head, job.adapter.labels
-        if job.kind == "ner":
-            return bio_entities(item["text"], head(states), item["offsets"], labels)
-        index = last_non_pad_index(item["ids"], self.engine.config.pad_token_id)
-        logits = head(states[index])
-        if job.kind == "reward":
-            return float(logits[0])
-        return classification_result(logits, labels)
 
 
 def _validate(request: GenerationRequest, max_seq_len: int) -> None:
@@ -514,26 +386,3 @@ def _validate(request: GenerationRequest, max_seq_len: int) -> None:
             f"{len(request.prompt_ids)} prompt tokens + {request.max_new_tokens} new tokens exceed "
             f"the context of {max_seq_len} tokens."
         )
-
-
-SAMPLING_EPS = 1e-5
-"""Temperatures below this decode greedily (as in vLLM): dividing logits by them overflows to inf/NaN."""
-
-
-def sample_tokens(logits: torch.Tensor, requests: list[GenerationRequest], generators: list) -> list[int]:
-    """Next token per row: argmax when temperature is (about) 0, else temperature + top-p sampling.
-
-    Each sampled row draws from its own `torch.Generator`, so a seeded request gets the same draws
-    whatever else shares its batch.
-    """
-    tokens = logits.argmax(dim=-1).tolist()
-    for i, (request, generator) in enumerate(zip(requests, generators, strict=True)):
-        if request.temperature < SAMPLING_EPS:
-            continue
-        probs = torch.softmax(logits[i] / request.temperature, dim=-1)
-        if request.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < request.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        tokens[i] = int(torch.multinomial(probs, 1, generator=generator))
-    return tokens

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.errors import UnsupportedParameterError
+from server.requests import Sampling
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -96,6 +97,17 @@ class SamplingBody(_Body):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling_settings(self) -> Sampling:
+        """The sampling fields, for `server.requests.generation_requests`."""
+        return Sampling(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
 
 
 class CompletionRequest(SamplingBody):
@@ -248,6 +260,18 @@ class GenerateParameters(_Body):
         top_p = 1.0 if self.top_p is None else self.top_p
         sample = self.do_sample or temperature != 1.0 or top_p < 1.0
         return (temperature if sample else 0.0), top_p
+
+    def sampling_settings(self) -> Sampling:
+        """The sampling fields under TGI's names and rule, for `server.requests.generation_requests`."""
+        temperature, top_p = self.sampling
+        return Sampling(
+            temperature=temperature,
+            top_p=top_p,
+            seed=self.seed,
+            stop=tuple(self.stop),
+            ignore_eos=self.ignore_eos_token,
+            min_tokens=self.min_new_tokens,
+        )
 
 
 class GenerateRequest(_Body):

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 
 from hub.errors import AdapterNotFoundError
 from hub.manifest import Manifest
-from server import dispatch
+from server import leases
 from server.adapter_cache import CacheEntry
 from server.resolver import parse_reference
 from server.runtime import ServerState, State
@@ -47,11 +47,11 @@ async def list_adapters(state: State) -> dict[str, Any]:
 async def load_adapter(body: LoadAdapterRequest, request: Request, state: State) -> dict[str, Any]:
     """Load an adapter of any task now (and pin it with `pin: true`)."""
     assert state.cache is not None
-    resolved = await dispatch.resolve(state, request, body.adapter, None, body.adapter_source)
+    resolved = await leases.resolve(state, request, body.adapter, None, body.adapter_source)
     if body.pin:
-        entry = await dispatch.pin(state, resolved)
+        entry = await leases.pin(state, resolved)
     else:
-        lease = await dispatch.acquire(state, resolved)
+        lease = await leases.acquire(state, resolved)
         lease.release()
         entry = state.cache.get(resolved.key)
     return _describe(state, resolved.manifest, [], entry, key=resolved.key)
@@ -70,8 +70,8 @@ async def unload_adapter(ref: str, request: Request, state: State) -> dict[str, 
 @router.post("/v1/adapters/{ref:path}/pin")
 async def pin_adapter(ref: str, request: Request, state: State) -> dict[str, Any]:
     """Load (if needed) and pin the version `ref` resolves to now; it stays resident until unpinned."""
-    resolved = await dispatch.resolve(state, request, ref, None)
-    entry = await dispatch.pin(state, resolved)
+    resolved = await leases.resolve(state, request, ref, None)
+    entry = await leases.pin(state, resolved)
     return _describe(state, resolved.manifest, [], entry, key=resolved.key)
 
 
@@ -96,7 +96,7 @@ async def _resident_keys(state: ServerState, request: Request, ref: str) -> list
     if parsed.version is None and parsed.tag is None:
         keys = [e.key for e in state.cache.entries() if e.key.rpartition("@")[0] == parsed.name]
     else:
-        resolved = await dispatch.resolve(state, request, ref, None, "local")
+        resolved = await leases.resolve(state, request, ref, None, "local")
         keys = [resolved.key] if state.cache.get(resolved.key) is not None else []
     if not keys:
         raise AdapterNotFoundError(

@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from server import dispatch
+from server import leases, streams
 from server.prompts import check_length, check_max_tokens, encode
+from server.requests import generation_requests
 from server.routes.streaming import event_stream, sse
 from server.runtime import ServerState, State
 from server.schemas import GenerateParameters, GenerateRequest
@@ -71,11 +72,11 @@ class _Run:
         inputs: str,
         params: GenerateParameters,
         prompt_ids: list[int],
-        lease: dispatch.Lease,
-        streams: list[dispatch.Stream],
+        lease: leases.Lease,
+        started: list[streams.Stream],
     ) -> None:
         self.state, self.inputs, self.params = state, inputs, params
-        self.prompt_ids, self.lease, self.streams = prompt_ids, lease, streams
+        self.prompt_ids, self.lease, self.streams = prompt_ids, lease, started
         tokenizer = state.engine.tokenizer
         self._eos = getattr(tokenizer, "eos_token_id", None)
         self._special = set(getattr(tokenizer, "all_special_ids", ()) or ())
@@ -84,40 +85,29 @@ class _Run:
     async def start(
         cls, state: ServerState, request: Request, inputs: str, params: GenerateParameters
     ) -> _Run:
-        from server.scheduler import GenerationRequest
-
         params.check_supported()
         max_new = check_max_tokens(params.max_new_tokens, state.config)
         ids = await encode(state.engine.tokenizer, inputs)
         if params.truncate is not None:
             ids = ids[-params.truncate :]
         check_length(ids, state.config)
-        temperature, top_p = params.sampling
-        lease = await dispatch.acquire_model(
+        lease = await leases.acquire_model(
             state, request, params.adapter_id or None, source=params.adapter_source
         )
         try:
-            gen_request = GenerationRequest(
-                prompt_ids=ids,
-                adapter=lease.adapter,
-                max_new_tokens=max_new,
-                temperature=temperature,
-                top_p=top_p,
-                seed=params.seed,
-                stop=list(params.stop),
-                ignore_eos=params.ignore_eos_token,
-                min_tokens=min(params.min_new_tokens, max_new),
+            requests = generation_requests(
+                [ids], lease.adapter, max_new_tokens=max_new, sampling=params.sampling_settings()
             )
-            streams = await dispatch.start(state.scheduler, [gen_request])
+            started = await streams.start(state.scheduler, requests)
         except BaseException:
             lease.release()
             raise
-        return cls(state, inputs, params, ids, lease, streams)
+        return cls(state, inputs, params, ids, lease, started)
 
     async def response(self) -> dict[str, Any]:
         """Run to the end and answer TGI's `GenerateResponse`."""
         try:
-            (result,) = await dispatch.collect_all(self.streams)
+            (result,) = await streams.collect_all(self.streams)
         finally:
             self.lease.release()
         self.state.metrics.observe_tokens(self.lease.label, len(self.prompt_ids), len(result.token_ids))

@@ -1,8 +1,8 @@
 """OpenAI-compatible routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
 
 Boundary: OpenAI's wire format only. `model` names an adapter reference (`name`, `name@3`, `name@prod`) or the
-base's name for no adapter; everything else goes through `server.dispatch`. Streams are server-sent events in
-OpenAI's chunk format ending with `data: [DONE]`.
+base's name for no adapter; leases come from `server.leases`, generations run through `server.streams`.
+Streams are server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from server import dispatch
+from server import leases, streams
 from server.errors import InvalidInputError
 from server.prompts import chat_ids, check_count, check_length, check_max_tokens, check_token_ids, encode
+from server.requests import generation_requests
 from server.resolver import ENDPOINT_TASKS, GENERATE
 from server.routes.streaming import event_stream, sse
 from server.runtime import ServerState, State
@@ -89,14 +90,14 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         check_length(ids, state.config)
         prompt_ids.append(ids)
     reply = _Reply(f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), body.model)
-    lease, streams = await _start(state, request, body, prompt_ids, max_tokens)
-    echoes = [prompt_texts[i // body.n] if body.echo else "" for i in range(len(streams))]
+    lease, started = await _start(state, request, body, prompt_ids, max_tokens)
+    echoes = [prompt_texts[i // body.n] if body.echo else "" for i in range(len(started))]
     prompt_tokens = sum(len(ids) for ids in prompt_ids)
     if body.stream:
-        chunks = _completion_chunks(state, reply, body, lease, streams, echoes, prompt_tokens)
-        return event_stream(chunks, lease, streams)
+        chunks = _completion_chunks(state, reply, body, lease, started, echoes, prompt_tokens)
+        return event_stream(chunks, lease, started)
     try:
-        results = await dispatch.collect_all(streams)
+        results = await streams.collect_all(started)
     finally:
         lease.release()
     generated = sum(len(r.token_ids) for r in results)
@@ -125,13 +126,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         ) from exc
     check_length(ids, state.config)
     reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), body.model)
-    lease, streams = await _start(state, request, body, [ids], max_tokens)
+    lease, started = await _start(state, request, body, [ids], max_tokens)
     if body.stream:
         reply.object = "chat.completion.chunk"
-        chunks = _chat_chunks(state, reply, body, lease, streams, len(ids))
-        return event_stream(chunks, lease, streams)
+        chunks = _chat_chunks(state, reply, body, lease, started, len(ids))
+        return event_stream(chunks, lease, started)
     try:
-        results = await dispatch.collect_all(streams)
+        results = await streams.collect_all(started)
     finally:
         lease.release()
     generated = sum(len(r.token_ids) for r in results)
@@ -155,40 +156,30 @@ async def _start(
     body: SamplingBody,
     prompt_ids: list[list[int]],
     max_tokens: int,
-) -> tuple[dispatch.Lease, list[dispatch.Stream]]:
+) -> tuple[leases.Lease, list[streams.Stream]]:
     """Lease the model's adapter and submit `n` generations per prompt; errors release the lease."""
-    from server.scheduler import GenerationRequest
-
-    lease = await dispatch.acquire_model(state, request, body.model)
+    lease = await leases.acquire_model(state, request, body.model)
     try:
-        requests = [
-            GenerationRequest(
-                prompt_ids=ids,
-                adapter=lease.adapter,
-                max_new_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=None if body.seed is None else body.seed + j,
-                stop=list(body.stop or []),
-                ignore_eos=body.ignore_eos,
-                min_tokens=min(body.min_tokens, max_tokens),
-            )
-            for ids in prompt_ids
-            for j in range(body.n)
-        ]
-        streams = await dispatch.start(state.scheduler, requests)
+        requests = generation_requests(
+            prompt_ids,
+            lease.adapter,
+            max_new_tokens=max_tokens,
+            sampling=body.sampling_settings(),
+            n=body.n,
+        )
+        started = await streams.start(state.scheduler, requests)
     except BaseException:
         lease.release()
         raise
-    return lease, streams
+    return lease, started
 
 
 async def _completion_chunks(
     state: ServerState,
     reply: _Reply,
     body: CompletionRequest,
-    lease: dispatch.Lease,
-    streams: list[dispatch.Stream],
+    lease: leases.Lease,
+    started: list[streams.Stream],
     echoes: list[str],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
@@ -196,7 +187,7 @@ async def _completion_chunks(
     for index, echo in enumerate(echoes):
         if echo:
             yield sse(reply.envelope([_text_choice(index, echo, None)]))
-    async for index, event in dispatch.merge(streams):
+    async for index, event in streams.merge(started):
         generated += event.token_id is not None
         yield sse(reply.envelope([_text_choice(index, event.text or "", event.finish_reason)]))
     state.metrics.observe_tokens(lease.label, prompt_tokens, generated)
@@ -209,14 +200,14 @@ async def _chat_chunks(
     state: ServerState,
     reply: _Reply,
     body: ChatCompletionRequest,
-    lease: dispatch.Lease,
-    streams: list[dispatch.Stream],
+    lease: leases.Lease,
+    started: list[streams.Stream],
     prompt_tokens: int,
 ) -> AsyncIterator[str]:
     generated = 0
-    for index in range(len(streams)):
+    for index in range(len(started)):
         yield sse(reply.envelope([_delta_choice(index, {"role": "assistant", "content": ""}, None)]))
-    async for index, event in dispatch.merge(streams):
+    async for index, event in streams.merge(started):
         generated += event.token_id is not None
         if event.text:
             yield sse(reply.envelope([_delta_choice(index, {"content": event.text}, None)]))

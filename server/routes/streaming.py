@@ -14,8 +14,9 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from server.dispatch import Lease, close_all
 from server.errors import error_body, spec_for
+from server.leases import Lease
+from server.streams import close_all
 
 logger = logging.getLogger(__name__)
 

@@ -236,8 +236,7 @@ def test_server_resolver_follows_a_tag_moved_on_the_hub(
     v1 = client.push(source, "chat@1", "acme/moving")  # chat@1 is tagged prod: so is v1 on the hub
     assert client.revision_commit("acme/moving", "prod") == v1
     replica = LocalStore(tmp_path / "replica")
-    hub = {"hub_endpoint": hub_service.url, "hub_token": READER_TOKEN, "hub_refresh_s": 0}
-    resolver = Resolver(replica, tiny_base, **hub)
+    resolver = Resolver(replica, tiny_base, hub=HubClient(hub_service.url, READER_TOKEN), hub_refresh_s=0)
     first = resolver.resolve("acme/moving@prod")
     assert first.key == "acme/moving@1" and first.manifest.files == source.get("chat@1").manifest.files
     source.tag("chat@2", "prod")

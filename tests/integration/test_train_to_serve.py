@@ -71,22 +71,24 @@ def _reference_probs(method: str, folder: Path, base: BaseInfo, labels: list[str
 
 @pytest.mark.parametrize("method", ["lora", "bottleneck"])
 def test_trained_adapter_serves_as_trained(method: str, tiny_base: BaseInfo, registry: LocalStore) -> None:
+    from server.config import ServerConfig
     from server.engine import Engine
+    from server.prompts import task_inputs
     from server.scheduler import Scheduler
 
     manifest = _train(method, registry, f"tickets-{method}")
     stored = registry.get(manifest.ref)
     expected = _reference_probs(method, stored.path, tiny_base, manifest.labels)
 
-    engine = Engine(tiny_base.path, base_name="tiny", quantize="none", max_adapters=2,
-                    base_fingerprint=tiny_base.fingerprint)  # fmt: skip
+    engine = Engine(tiny_base.path, base_name="tiny", quantize="none", max_adapters=2)
     adapter = engine.load_adapter(manifest.ref, stored.path, stored.manifest)
 
     async def classify() -> list[dict]:
         scheduler = Scheduler(engine, max_batch_size=4)
         await scheduler.start()
         try:
-            return await scheduler.classify(adapter, TEXTS)
+            inputs = await task_inputs(engine.tokenizer, TEXTS, ServerConfig())
+            return await scheduler.classify(adapter, inputs)
         finally:
             await scheduler.stop()
 

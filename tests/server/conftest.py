@@ -188,5 +188,4 @@ def engine(tiny_base: BaseInfo):
         max_rank=32,
         max_batch_size=8,
         max_seq_len=128,
-        base_fingerprint=tiny_base.fingerprint,
     )

@@ -1,7 +1,7 @@
 """Fast fakes of the compute core (tokenizer, engine, scheduler) for the HTTP layer's unit tests.
 
-They honour the real API (`Engine.load_adapter/unload_adapter`, `Scheduler.generate/classify/ner/score`,
-`GenerationRequest`, `TokenEvent`) with deterministic, input-dependent answers, so the routes, cache and
+They implement `server.runtime`'s `EngineLike` and `SchedulerLike` (with `server.requests`' types) with
+deterministic, input-dependent answers, so the routes, cache and
 resolver can be tested in milliseconds without torch work. The real engine is covered by
 tests/server/test_engine.py and the real server by test_integration_server.py.
 """
@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi.testclient import TestClient
 
@@ -24,9 +24,8 @@ from hub.manifest import BaseSpec, Manifest
 from hub.store import LocalStore
 from server.app import create_app
 from server.config import ServerConfig
-
-if TYPE_CHECKING:
-    from server.scheduler import GenerationRequest, TokenEvent
+from server.errors import QueueFullError
+from server.requests import GenerationRequest, TaskInput, TokenEvent
 
 FAKE_FINGERPRINT = "sha256:" + "ab" * 32
 OTHER_FINGERPRINT = "sha256:" + "cd" * 32
@@ -45,6 +44,13 @@ class FakeTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [b + _OFFSET for b in text.encode("utf-8")]
+
+    def __call__(self, text: str, return_offsets_mapping: bool = False) -> dict[str, list]:
+        ids = self.encode(text)
+        if not return_offsets_mapping:
+            return {"input_ids": ids}
+        starts = [i for i, ch in enumerate(text) for _ in ch.encode("utf-8")]
+        return {"input_ids": ids, "offset_mapping": [(s, s + 1) for s in starts]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(i - _OFFSET for i in ids if i >= _OFFSET).decode("utf-8", errors="replace")
@@ -123,16 +129,12 @@ class FakeScheduler:
         self.stopped = True
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        from server.scheduler import QueueFullError
-
         if self.full:
             raise QueueFullError("256 requests are already waiting.")
         self.requests.append(request)
         return self._events(request)
 
     async def _events(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        from server.scheduler import TokenEvent
-
         text = fake_text(request, self.engine.tokenizer)
         limit = request.max_new_tokens
         cuts = [i for stop in request.stop if 0 <= (i := text.find(stop)) < limit]
@@ -157,22 +159,25 @@ class FakeScheduler:
             self.cancelled += 1
             raise
 
-    async def classify(self, adapter: FakeAdapter, texts: list[str]) -> list[dict]:
+    async def classify(self, adapter: FakeAdapter, inputs: list[TaskInput]) -> list[dict]:
         labels = adapter.labels
         results = []
-        for text in texts:
-            winner = labels[len(text) % len(labels)]
+        for item in inputs:
+            winner = labels[len(item.text) % len(labels)]
             results.append({"label": winner, "scores": {lab: float(lab == winner) for lab in labels}})
         return results
 
-    async def ner(self, adapter: FakeAdapter, texts: list[str]) -> list[list[dict]]:
+    async def ner(self, adapter: FakeAdapter, inputs: list[TaskInput]) -> list[list[dict]]:
+        """The first word as a person (of inputs tokenized with their offsets, as the engine needs)."""
+        assert all(item.offsets is not None for item in inputs), "NER inputs carry token offsets"
         return [
-            [{"type": "PER", "text": t.split()[0], "start": 0, "end": len(t.split()[0]), "score": 0.9}]
-            for t in texts
+            [{"type": "PER", "text": w, "start": 0, "end": len(w), "score": 0.9}]
+            for w in (item.text.split()[0] for item in inputs)
         ]
 
-    async def score(self, adapter: FakeAdapter, pairs: list[tuple[str, str]]) -> list[float]:
-        return [float(len(p) - len(r)) for p, r in pairs]
+    async def score(self, adapter: FakeAdapter, inputs: list[TaskInput]) -> list[float]:
+        """The number of tokens the reward head would read (the chat-template-rendered pair)."""
+        return [float(len(item.ids)) for item in inputs]
 
 
 # ---- registry helpers ----------------------------------------------------------------------------

@@ -35,10 +35,19 @@ def test_ner_single_text(server: FakeServer):
     ]
 
 
-def test_score_pairs(server: FakeServer):
-    body = {"adapter": "judge", "inputs": [{"prompt": "abc", "response": "d"}, ["a", "bcd"]]}
-    data = server.client.post("/v1/score", json=body).json()["data"]
-    assert data == [{"index": 0, "score": 2.0}, {"index": 1, "score": -2.0}]
+def test_score_pairs_are_tokenized_once_through_the_chat_template(server: FakeServer):
+    body = {"adapter": "judge", "inputs": [{"prompt": "abc", "response": "d"}, ["a", "bcdef"]]}
+    answer = server.client.post("/v1/score", json=body).json()
+    # the fake scores the token count: "<user>abc\n<assistant>d\n" is 23 bytes, the second pair 25
+    assert answer["data"] == [{"index": 0, "score": 23.0}, {"index": 1, "score": 25.0}]
+    assert answer["usage"] == {"prompt_tokens": 48}
+
+
+def test_score_length_check_counts_the_chat_template(server: FakeServer):
+    # 20 characters of text fit the 32-token limit; rendered with the template (+18 tokens) they do not
+    response = server.client.post("/v1/score", json={"adapter": "judge", "inputs": [["p" * 10, "r" * 10]]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "input_too_long"
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,6 @@ def cuda_engines(tiny_base: BaseInfo) -> dict[str, object]:
             max_rank=32,
             max_batch_size=8,
             max_seq_len=128,
-            base_fingerprint=tiny_base.fingerprint,
         )  # fmt: skip
         for quantize in ("none", "nf4")
     }

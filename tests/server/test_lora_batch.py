@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import torch
 from torch import nn
 
 from server.adapter_weights import AdapterWeights, BaseLayout, BottleneckSite, LoraModule
+from server.errors import ConcurrentForwardError
 from server.lora_batch import AdapterBanks
 
 
@@ -49,9 +53,9 @@ def test_rows_get_their_own_adapter_and_slot_zero_gets_none():
         banks.write(slot, weights)
     x = torch.randn(5, 3, 16)
     slots = [1, 0, 2, 3, 2]
-    banks.context = banks.context_for(slots)
-    got = q(x)
-    banks.context = None
+    with banks.forward(slots):
+        got = q(x)
+    assert banks.context is None
     for row, slot in enumerate(slots):
         want = q.base(x[row])
         if slot:
@@ -119,3 +123,29 @@ def test_bottleneck_rows_with_different_activations():
             fn = torch.relu if act == "relu" else torch.nn.functional.silu
             h = h + fn(h @ site.down_weight.t() + site.down_bias) @ site.up_weight.t() + site.up_bias
         torch.testing.assert_close(got[row], h, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_overlapping_another_is_refused_loudly():
+    model, banks = _model_and_banks()
+    q = model.model.layers[0].self_attn.q_proj
+    banks.write(1, _lora(4, 16, 16, 1.0))
+    inside, leave = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        with banks.forward([1, 1]):
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=worker, name="adapterdock-engine")
+    thread.start()
+    try:
+        assert inside.wait(10)
+        with pytest.raises(ConcurrentForwardError, match="'adapterdock-engine'"), banks.forward([0, 0]):
+            pass
+        assert banks.context is not None and banks.context.uniform_slot == 1  # the worker's, untouched
+    finally:
+        leave.set()
+        thread.join()
+    x = torch.randn(2, 1, 16)
+    with banks.forward([0, 0]):  # free again once the other forward ended
+        torch.testing.assert_close(q(x), q.base(x))

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 
 from hub.errors import (
@@ -116,6 +113,9 @@ def test_hub_source_needs_a_configured_hub(resolver: Resolver):
         resolver.resolve("chat", source="hub")
 
 
+HUB = "http://127.0.0.1:1"
+
+
 class FakeHubClient:
     """Stands in for hub.remote.HubClient: 'pulls' by registering a fake adapter locally.
 
@@ -144,17 +144,14 @@ class FakeHubClient:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch: pytest.MonkeyPatch) -> type[FakeHubClient]:
-    module = types.ModuleType("hub.remote")
-    module.HubClient = FakeHubClient
-    monkeypatch.setitem(sys.modules, "hub.remote", module)
+def fake_hub() -> type[FakeHubClient]:
     FakeHubClient.pulls, FakeHubClient.lookups, FakeHubClient.commits = [], [], {}
     FakeHubClient.down = False
     return FakeHubClient
 
 
 def test_a_local_miss_pulls_from_the_configured_hub(store: LocalStore, fake_hub):
-    resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_token="t")
+    resolver = Resolver(store, FAKE_BASE, hub=fake_hub(HUB, "t"))
     assert resolver.resolve("acme/chat@prod", endpoint=GENERATE).key == "acme/chat@1"
     # a tag is pulled at the commit it names now
     assert fake_hub.pulls == [("acme/chat", "c-prod", "acme/chat", FAKE_BASE.spec)]
@@ -172,7 +169,7 @@ def test_a_local_miss_pulls_from_the_configured_hub(store: LocalStore, fake_hub)
 
 
 def test_a_tag_moved_on_the_hub_is_pulled_again(store: LocalStore, fake_hub, caplog):
-    resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=0)
+    resolver = Resolver(store, FAKE_BASE, hub=fake_hub(HUB, None), hub_refresh_s=0)
     fake_hub.commits[("acme/chat", "prod")] = "aaa"
     assert resolver.resolve("acme/chat@prod").key == "acme/chat@1"
     assert resolver.resolve("acme/chat@prod").key == "acme/chat@1"  # asked again, not moved: no pull
@@ -191,13 +188,13 @@ def test_a_tag_moved_on_the_hub_is_pulled_again(store: LocalStore, fake_hub, cap
     # the record survives a restart: a new resolver on the same registry still checks the tag
     fake_hub.down = False
     fake_hub.commits[("acme/chat", "prod")] = "ccc"
-    restarted = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=0)
+    restarted = Resolver(store, FAKE_BASE, hub=fake_hub(HUB, None), hub_refresh_s=0)
     assert restarted.resolve("acme/chat@prod").key == "acme/chat@3"
     assert (store.root / ".hub-pulls.json").is_file() and "acme/chat" in store.names()
 
 
 def test_refresh_interval_and_local_adapters(store: LocalStore, fake_hub):
-    resolver = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=3600)
+    resolver = Resolver(store, FAKE_BASE, hub=fake_hub(HUB, None), hub_refresh_s=3600)
     assert resolver.resolve("acme/chat").key == "acme/chat@1"  # a plain name follows the hub's main
     assert fake_hub.lookups == [("acme/chat", None)]
     fake_hub.commits[("acme/chat", None)] = "moved"
@@ -205,5 +202,5 @@ def test_refresh_interval_and_local_adapters(store: LocalStore, fake_hub):
     register(store, "acme/local")  # registered here, never pulled: the hub is never asked about it
     assert resolver.resolve("acme/local@latest").key == "acme/local@1"
     assert [name for name, _ in fake_hub.lookups] == ["acme/chat"]
-    never = Resolver(store, FAKE_BASE, hub_endpoint="http://127.0.0.1:1", hub_refresh_s=-1)
+    never = Resolver(store, FAKE_BASE, hub=fake_hub(HUB, None), hub_refresh_s=-1)
     assert never.resolve("acme/chat").key == "acme/chat@1" and len(fake_hub.lookups) == 1

@@ -1,4 +1,7 @@
-"""The scheduler: continuous batching, solo-equal outputs, stops, cancellation, queue bound, tasks."""
+"""The scheduler: continuous batching, solo-equal outputs, stops, cancellation, queue bound, tasks.
+
+Task inputs are tokenized by `server.prompts`, as the routes do, so these tests cover that hand-off too.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,12 @@ import asyncio
 
 import pytest
 
-from server.scheduler import GenerationRequest, QueueFullError, Scheduler, _Detokenizer
+from server.config import ServerConfig
+from server.detokenize import Detokenizer
+from server.errors import QueueFullError
+from server.prompts import score_inputs, task_inputs
+from server.requests import GenerationRequest
+from server.scheduler import Scheduler
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -124,7 +132,7 @@ def test_stop_token_ignore_eos_and_min_tokens(engine, loaded):
 
 
 def test_detokenizer_holds_back_a_possible_stop_prefix(engine):
-    detok = _Detokenizer(engine.tokenizer, ["STOP"])
+    detok = Detokenizer(engine.tokenizer, ["STOP"])
     detok.text = "abc ST"
     assert detok.take() == "abc " and detok.find_stop() is None
     detok.text += "OP and more"
@@ -174,14 +182,18 @@ def test_seeded_sampling_is_reproducible_across_batches(engine, loaded):
 
 def test_task_requests_of_different_adapters_run_together(engine, loaded):
     texts = ["Alice lives in Paris.", "Nothing to see here", "Bob met Carol in Rome yesterday."]
+    config, tokenizer = ServerConfig(), engine.tokenizer
 
     async def body(s):
+        cls_in = await task_inputs(tokenizer, texts, config)
+        ner_in = await task_inputs(tokenizer, texts, config, offsets=True)
+        score_in = await score_inputs(tokenizer, [("Hi", "Hello!"), ("2+2?", "4")], config)
         cls, ner, score = await asyncio.gather(
-            s.classify(loaded["cls"], texts),
-            s.ner(loaded["ner"], texts),
-            s.score(loaded["reward"], [("Hi", "Hello!"), ("2+2?", "4")]),
+            s.classify(loaded["cls"], cls_in),
+            s.ner(loaded["ner"], ner_in),
+            s.score(loaded["reward"], score_in),
         )
-        solo_cls = await s.classify(loaded["cls"], texts[:1])
+        solo_cls = await s.classify(loaded["cls"], cls_in[:1])
         return cls, ner, score, solo_cls
 
     cls, ner, score, solo_cls = _run(engine, body)
