@@ -1,6 +1,8 @@
 """`adapterdock hub push|pull|serve`: the remote-hub commands, added to the `adapterdock hub` parser.
 
-`hub.cli` calls `add_remote_commands(subparsers)`; each command stores a `handler(args, store) -> int`.
+`hub.cli` calls `add_remote_commands(subparsers, formatter)`; each command stores a
+`handler(args, store) -> int`. This module does not import `hub.cli` (no import cycle): the help
+formatter comes in as an argument.
 Boundary: argument parsing and printing; the work is in `hub.remote` (client) and `hub.service` (server),
 both imported only when their command runs.
 """
@@ -8,18 +10,23 @@ both imported only when their command runs.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hub.cli import help_formatter
 from hub.store import LocalStore
 
 ENDPOINT_HELP = "hub URL (default: $HF_ENDPOINT, else https://huggingface.co)"
 TOKEN_HELP = "access token (default: $HF_TOKEN)"
 
 
-def add_remote_commands(subparsers: Any) -> None:
-    """Add `push`, `pull` and `serve` to the `adapterdock hub` subparsers."""
+def add_remote_commands(subparsers: Any, help_formatter: Callable[[str], argparse.HelpFormatter]) -> None:
+    """Add `push`, `pull` and `serve` to the `adapterdock hub` subparsers.
+
+    Args:
+        subparsers: what `ArgumentParser.add_subparsers` returned for `adapterdock hub`.
+        help_formatter: the formatter class (or factory) every hub command uses.
+    """
     push = subparsers.add_parser(
         "push",
         formatter_class=help_formatter,
