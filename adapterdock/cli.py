@@ -15,6 +15,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "base": ("hub.cli:main_base", "create and inspect base models (tiny, small, HF folders)"),
     "train": ("trainers.cli:main", "train an adapter: classification, ner, instruction, reward, dpo, ppo"),
     "hub": ("hub.cli:main", "the adapter registry: list, show, tag, rm, import, push, pull, serve"),
+    "export": ("hub.export_cli:main", "write registry adapters out for another server: vllm"),
     "serve": ("server.cli:main", "serve one base with many adapters over HTTP (OpenAI, LoRAX APIs)"),
     "feedback": ("server.feedback.cli:main", "export and summarise human preference judgements"),
     "quickstart": ("adapterdock.quickstart:main", "build tiny, train three adapters, serve them"),

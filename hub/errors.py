@@ -94,3 +94,9 @@ class HubAuthError(HubError, PermissionError):
     """A remote hub refused our token, or the token lacks rights to the repo."""
 
     default_remedy = "Pass a token with access to the repo via --token or HF_TOKEN."
+
+
+class NotServableError(AdapterDockError, ValueError):
+    """An adapter another serving engine (vLLM) cannot apply exactly: a task head, a bottleneck, DoRA."""
+
+    default_remedy = "Serve it with `adapterdock serve`, which runs every adapter kind adapterdock trains."
