@@ -1,20 +1,27 @@
 """Does an adapter folder fit a base? Tensor names and shapes checked from safetensors headers alone.
 
 Boundary: reads headers and JSON configs only (no torch, no tensors loaded), so `hub import` and the hub
-service can refuse an adapter made for another architecture before anything is allocated.
+service can refuse an adapter made for another architecture before anything is allocated. The format's
+rules (header parsing, tensor names, PEFT type, bottleneck fields) come from `hub.adapter_format`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
-from hub.bases import read_safetensors_header
-from hub.errors import BaseMismatchError, CorruptAdapterError
-
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+from hub.adapter_format import (
+    ADAPTER_CONFIG,
+    BOTTLENECK_CONFIG,
+    LORA_KEY,
+    check_bottleneck_fits,
+    check_peft_type,
+    load_config,
+    read_header,
+    read_safetensors_header,
+    weights_file,
+)
+from hub.errors import BaseMismatchError
 
 
 def _base_shapes(base_path: Path) -> dict[str, list[int]]:
@@ -26,13 +33,6 @@ def _base_shapes(base_path: Path) -> dict[str, list[int]]:
     return shapes
 
 
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CorruptAdapterError(f"{path} is not readable JSON: {exc}.") from exc
-
-
 def check_peft_fits_base(folder: Path, base_path: Path) -> dict[str, Any]:
     """Check every LoRA tensor of a PEFT folder against the base's layer shapes.
 
@@ -42,24 +42,15 @@ def check_peft_fits_base(folder: Path, base_path: Path) -> dict[str, Any]:
     Raises:
         CorruptAdapterError: unreadable or unsupported files. BaseMismatchError: a tensor that does not fit.
     """
-    config = _load_json(folder / "adapter_config.json")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise CorruptAdapterError(
-            f"{folder}: PEFT type {config.get('peft_type')!r} is not supported; adapterdock serves LoRA.",
-            "Train a LoRA adapter (QLoRA-trained LoRA is fine).",
-        )
-    weights = folder / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise CorruptAdapterError(
-            f"{folder} has no adapter_model.safetensors.",
-            "Save with save_pretrained(..., safe_serialization=True); pickled .bin files are refused.",
-        )
+    config = load_config(folder / ADAPTER_CONFIG)
+    check_peft_type(folder / ADAPTER_CONFIG, config)
+    infos, _ = read_header(weights_file(folder))
     base = _base_shapes(base_path)
     rank = int(config.get("r", 0))
     problems: list[str] = []
-    for key, meta in read_safetensors_header(weights).items():
-        match = _LORA_KEY.match(key)
-        if key == "__metadata__" or not match:
+    for key, info in infos.items():
+        match = LORA_KEY.match(key)
+        if not match or match["part"] not in ("A", "B"):
             continue
         base_key = f"{match['module']}.weight"
         if base_key not in base:
@@ -67,8 +58,8 @@ def check_peft_fits_base(folder: Path, base_path: Path) -> dict[str, Any]:
             continue
         out_features, in_features = base[base_key][0], base[base_key][-1]
         expected = [rank, in_features] if match["part"] == "A" else [out_features, rank]
-        if list(meta["shape"]) != expected:
-            problems.append(f"{key}: shape {meta['shape']}, the base needs {expected}")
+        if list(info.shape) != expected:
+            problems.append(f"{key}: shape {list(info.shape)}, the base needs {expected}")
     if problems:
         raise BaseMismatchError(
             f"{folder} does not fit base {base_path}: "
@@ -80,16 +71,20 @@ def check_peft_fits_base(folder: Path, base_path: Path) -> dict[str, Any]:
 
 
 def check_bottleneck_fits_base(folder: Path, base_path: Path) -> dict[str, Any]:
-    """Check a bottleneck adapter's hidden size and layer count against the base's config."""
-    config = _load_json(folder / "bottleneck_config.json")
-    base_config = _load_json(base_path / "config.json")
-    problems = [
-        f"{key} is {config.get(key)}, the base has {base_config.get(key)}"
-        for key in ("hidden_size", "num_layers" if "num_layers" in config else "hidden_size")
-        if config.get(key) != base_config.get("num_hidden_layers" if key == "num_layers" else key)
-    ]
-    if problems:
-        raise BaseMismatchError(f"{folder} does not fit base {base_path}: " + "; ".join(problems) + ".")
+    """Check a bottleneck adapter's hidden size and layer count against the base's config.
+
+    Raises:
+        CorruptAdapterError: unreadable configs. BaseMismatchError: another hidden size or depth.
+    """
+    config = load_config(folder / BOTTLENECK_CONFIG)
+    base_config = load_config(base_path / "config.json")
+    check_bottleneck_fits(
+        config,
+        base_config.get("hidden_size"),
+        base_config.get("num_hidden_layers"),
+        str(folder / BOTTLENECK_CONFIG),
+        base_name=f"base {base_path}",
+    )
     return config
 
 

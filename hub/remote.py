@@ -38,9 +38,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
+from hub.adapter_format import check_base
 from hub.errors import (
     AdapterDockError,
-    BaseMismatchError,
     ChecksumMismatchError,
     HubAuthError,
     HubError,
@@ -277,7 +277,7 @@ class HubClient:
                     path=exc.path,
                     remedy="The remote copy is corrupt; nothing was registered. Push again from a good copy.",
                 ) from exc
-            check_base(manifest, expected_base, source=where)
+            _check_pulled_base(manifest, expected_base, source=where)
             if as_name is not None:
                 manifest = replace(manifest, name=as_name)
             registered = store.put_manifest(files_dir, manifest)
@@ -348,7 +348,7 @@ def _check_file_names(manifest: Manifest, source: str) -> None:
             )
 
 
-def check_base(manifest: Manifest, expected: BaseSpec | None, source: str) -> None:
+def _check_pulled_base(manifest: Manifest, expected: BaseSpec | None, source: str) -> None:
     """Refuse an adapter trained on another base than `expected`; warn when no base was named.
 
     Raises:
@@ -362,9 +362,10 @@ def check_base(manifest: Manifest, expected: BaseSpec | None, source: str) -> No
             manifest.base.fingerprint,
         )
         return
-    if expected.fingerprint != manifest.base.fingerprint:
-        raise BaseMismatchError(
-            f"{source} was trained on {manifest.base.name_or_path} ({manifest.base.fingerprint}), "
-            f"not on {expected.name_or_path} ({expected.fingerprint}). Nothing was registered.",
-            "Pull it for the base it was trained on, or name that base with --base.",
-        )
+    check_base(
+        source,
+        manifest.base,
+        expected,
+        outcome="Nothing was registered.",
+        remedy="Pull it for the base it was trained on, or name that base with --base.",
+    )

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from hub.adapter_format import refuse_pickles
 from hub.errors import (
     AdapterNotFoundError,
     ChecksumMismatchError,
@@ -41,7 +42,6 @@ DEFAULT_REGISTRY = "adapters"
 STAGING = ".staging"
 TAGS_FILE = "tags.json"
 COUNTER_FILE = ".next_version"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _STALE_STAGING_SECONDS = 3600
 
 
@@ -230,12 +230,7 @@ class LocalStore:
         problems = manifest.problems()
         if problems:
             raise ManifestError(f"Cannot register {manifest.name!r}: " + "; ".join(problems) + ".")
-        pickles = sorted(p.name for p in src.rglob("*") if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise CorruptAdapterError(
-                f"{src} holds pickle files ({', '.join(pickles)}); adapterdock loads safetensors only.",
-                "Re-save with save_pretrained(..., safe_serialization=True) and remove the pickle files.",
-            )
+        refuse_pickles(src)
         staging = self._staging_dir()
         try:
             files = self._copy_into(src, staging)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hub.adapter_format import check_base
 from hub.bases import BaseInfo
-from hub.errors import AdapterDockError, AdapterNotFoundError, BaseMismatchError, InvalidReferenceError
+from hub.errors import AdapterDockError, AdapterNotFoundError, InvalidReferenceError
 from hub.manifest import Manifest
 from hub.ref import AdapterRef
 from hub.store import LocalStore, verify_files
@@ -149,14 +150,14 @@ class Resolver:
                 f"{manifest.ref} is a full fine-tuned model, not a swappable adapter.",
                 f"Serve it as the base: `adapterdock serve --base registry:{manifest.ref}`.",
             )
-        if manifest.base.fingerprint != self.base.fingerprint:
-            raise BaseMismatchError(
-                f"{manifest.ref} was trained on base {manifest.base.name_or_path!r} "
-                f"({manifest.base.fingerprint[:19]}), but this server serves {self.base.name_or_path!r} "
-                f"({self.base.fingerprint[:19]}).",
-                f"Serve it with `adapterdock serve --base {manifest.base.name_or_path}`, "
-                f"or retrain it on {self.base.name_or_path!r}.",
-            )
+        check_base(
+            manifest.ref,
+            manifest.base,
+            self.base.spec,
+            expected_as="this server's base ",
+            remedy=f"Serve it with `adapterdock serve --base {manifest.base.name_or_path}`, "
+            f"or retrain it on {self.base.name_or_path!r}.",
+        )
         if endpoint is not None and manifest.task not in ENDPOINT_TASKS[endpoint]:
             right = TASK_ENDPOINTS.get(manifest.task, "no endpoint of this server")
             raise WrongTaskError(

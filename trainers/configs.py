@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hub.adapter_format import BOTTLENECK_ACTIVATIONS, BOTTLENECK_VARIANTS
 from hub.errors import AdapterDockError
 from hub.manifest import METHODS
 from hub.ref import validate_name
@@ -28,8 +29,6 @@ DEFAULT_TARGET_MODULES = (
     "down_proj",
 )
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3, "full": 5e-5}
-BOTTLENECK_VARIANTS = ("houlsby", "pfeiffer")
-NON_LINEARITIES = ("relu", "gelu", "silu")
 
 
 class ConfigError(AdapterDockError, ValueError):
@@ -90,7 +89,7 @@ class TrainConfig:
     bottleneck_variant: str = option(
         "pfeiffer", "Where bottleneck adapters go (bottleneck).", choices=BOTTLENECK_VARIANTS
     )
-    non_linearity: str = option("relu", "Bottleneck activation (bottleneck).", choices=NON_LINEARITIES)
+    non_linearity: str = option("relu", "Bottleneck activation (bottleneck).", choices=BOTTLENECK_ACTIVATIONS)
     registry: str | None = option(None, "Registry folder (default: $ADAPTERDOCK_REGISTRY or ./adapters).")
     output_dir: str | None = option(None, "Keep the exported folder here too (default: a temporary folder).")
     description: str = option("", "Free text for the manifest and model card.")

@@ -25,8 +25,8 @@ import torch
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from hub.adapter_format import check_base
 from hub.bases import BaseInfo
-from hub.errors import BaseMismatchError
 from hub.store import LocalStore, StoredAdapter
 from trainers.configs import ConfigError
 
@@ -61,11 +61,7 @@ def registered_adapter(
             f"({manifest.adapter_format}); it must be a LoRA/QLoRA adapter to share the base.",
             "Train it with --method lora or --method qlora.",
         )
-    if manifest.base.fingerprint != base.fingerprint:
-        raise BaseMismatchError(
-            f"{option} {manifest.ref} was trained on {manifest.base.name_or_path} "
-            f"({manifest.base.fingerprint}), not on {base.name_or_path} ({base.fingerprint})."
-        )
+    check_base(f"{option} {manifest.ref}", manifest.base, base.spec, expected_as="this run's base ")
     return stored
 
 

@@ -112,7 +112,7 @@ def test_pull_refuses_wrong_base_and_leaves_nothing(
     before = leftovers()
     target = LocalStore(tmp_path / "target")
     other = BaseSpec("small", "sha256:" + "0" * 64)
-    with pytest.raises(BaseMismatchError, match="trained on tiny"):
+    with pytest.raises(BaseMismatchError, match="trained on base tiny"):
         client.pull("acme/base-check", store=target, expected_base=other)
     assert target.names() == [] and leftovers() == before
 

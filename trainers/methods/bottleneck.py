@@ -1,20 +1,21 @@
 """Bottleneck adapters (Houlsby, Pfeiffer), written here: add, train, save and load them.
 
-The one module that knows the bottleneck format (see docs/training.md): `add_bottleneck_adapters`,
+The torch side of the bottleneck format (see docs/training.md): `add_bottleneck_adapters`,
 `save_bottleneck`, `load_bottleneck`. Each adapter is a residual `h + up(act(down(h)))` applied by a
 forward hook to the output of a block's attention `o_proj` (Houlsby only) and MLP `down_proj`
 (both variants), before the residual add. `up` starts at zero, so a fresh adapter is the identity.
 Folder: `bottleneck_config.json` + `adapter_model.safetensors` with tensors
 `layers.{i}.attn_adapter.{down,up}.{weight,bias}`, `layers.{i}.mlp_adapter.{down,up}.{weight,bias}`
-and, for task heads, `score.weight`. Boundary: torch, safetensors and hub.errors only (no PEFT, no
-other trainers code), so serving code can reuse it as is.
+and, for task heads, `score.weight`. The format's rules (file names, the `bottleneck_config.json`
+schema, variants, activations) are `hub.adapter_format`'s. Boundary: torch, safetensors and hub only (no
+PEFT); the server reads these folders with its own code (`server.adapter_weights`), not this module.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +23,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hub.adapter_format import BOTTLENECK_CONFIG as CONFIG_NAME
+from hub.adapter_format import WEIGHTS_FILE as WEIGHTS_NAME
+from hub.adapter_format import BottleneckConfig
 from hub.errors import CorruptAdapterError
 
 logger = logging.getLogger(__name__)
 
 KIND = "adapter"
 ADAPTER_FORMAT = "bottleneck"
-CONFIG_NAME = "bottleneck_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+"""`hub.adapter_format.BOTTLENECK_ACTIVATIONS` as torch modules."""
 HEAD_NAMES = ("score.weight", "score.bias")
-
-
-@dataclass
-class BottleneckConfig:
-    """The content of `bottleneck_config.json`."""
-
-    variant: str
-    reduction_factor: int
-    bottleneck_size: int
-    non_linearity: str
-    hidden_size: int
-    num_layers: int
-    task_type: str
-    num_labels: int | None = None
-    adapter_type: str = "bottleneck"
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BottleneckConfig:
-        try:
-            config = cls(**data)
-        except TypeError as err:
-            raise CorruptAdapterError(f"{CONFIG_NAME}: {err}") from err
-        if config.variant not in ("houlsby", "pfeiffer") or config.non_linearity not in ACTIVATIONS:
-            raise CorruptAdapterError(
-                f"{CONFIG_NAME}: unknown variant {config.variant!r} or non_linearity {config.non_linearity!r}"
-            )
-        return config
 
 
 class Bottleneck(nn.Module):
