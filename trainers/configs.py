@@ -19,6 +19,8 @@ from hub.errors import AdapterDockError
 from hub.manifest import METHODS
 from hub.ref import validate_name
 
+PRECISIONS = ("auto", "bf16", "fp32")
+
 DEFAULT_TARGET_MODULES = (
     "q_proj",
     "k_proj",
@@ -96,6 +98,12 @@ class TrainConfig:
     tags: list[str] = option([], "Tags to point at the new version (e.g. latest-good).")
     progress: bool = option(True, "Show a progress bar on the main process.")
     cpu: bool = option(False, "Train on the CPU even when a GPU is available.")
+    precision: str = option(
+        "auto",
+        "Compute precision: auto = bf16 autocast on GPUs and on CPUs with avx512_bf16 or AMX, else fp32; "
+        "bf16 forces autocast; fp32 turns it off. Weights stay fp32; the manifest records the choice.",
+        choices=PRECISIONS,
+    )
 
     # ---- derived values ----------------------------------------------------------------------
     @property

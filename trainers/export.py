@@ -186,7 +186,7 @@ def save_and_register(
             base=base.spec,
             labels=list(labels),
             metrics=manifest_metrics(result),
-            trainer={**config.to_dict(), "data": data},
+            trainer={**config.to_dict(), "data": data, "compute_precision": result.precision},
             kind=method_module.KIND,
             adapter_format=method_module.ADAPTER_FORMAT,
             quantization=quantization,
