@@ -1,4 +1,4 @@
-"""Adapter names and references (`name`, `name@3`, `name@prod`): parsing and validation.
+"""Adapter names and references (`name`, `name@3`, `name@prod`) and hub repo ids: parsing and validation.
 
 Boundary: pure string rules, no file access. Every path the store builds comes from a name that passed
 `validate_name`, so a reference can never point outside the registry.
@@ -12,8 +12,18 @@ from dataclasses import dataclass
 from hub.errors import InvalidReferenceError
 
 MAX_NAME_LENGTH = 96
+MAX_REPO_NAME = 96
 _SEGMENT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _TAG = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
+_REPO_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+_REPO_REMEDY = (
+    "Hub repo ids are NAMESPACE/NAME (e.g. acme/sentiment-lora): letters, digits, '-', '_' and '.', "
+    f"at most {MAX_REPO_NAME} characters each, starting and ending with a letter or digit."
+)
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
 
 
 def validate_name(name: str) -> str:
@@ -26,7 +36,7 @@ def validate_name(name: str) -> str:
         raise InvalidReferenceError("Adapter name is empty.")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidReferenceError(f"Adapter name is {len(name)} characters; at most {MAX_NAME_LENGTH}.")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _has_control(name):
         raise InvalidReferenceError(f"Adapter name {name!r} contains control characters.")
     segments = name.split("/")
     if len(segments) > 2:
@@ -49,6 +59,29 @@ def validate_tag(tag: str) -> str:
             "Tags start with a lowercase letter and use lowercase letters, digits, '-', '_' and '.'.",
         )
     return tag
+
+
+def validate_repo_id(repo_id: str) -> str:
+    """Return `repo_id` if it is a hub repo id `namespace/name` under Hugging Face's naming rules.
+
+    Raises:
+        InvalidReferenceError: naming the rule broken.
+    """
+    if not isinstance(repo_id, str) or not repo_id:
+        raise InvalidReferenceError("Hub repo id is empty.", _REPO_REMEDY)
+    if _has_control(repo_id):
+        raise InvalidReferenceError(f"Hub repo id {repo_id!r} contains control characters.", _REPO_REMEDY)
+    parts = repo_id.split("/")
+    if len(parts) != 2:
+        raise InvalidReferenceError(f"Hub repo id {repo_id!r} must have exactly one '/'.", _REPO_REMEDY)
+    for part in parts:
+        if len(part) > MAX_REPO_NAME:
+            raise InvalidReferenceError(
+                f"Hub repo id part {part[:20]!r}... is longer than {MAX_REPO_NAME}.", _REPO_REMEDY
+            )
+        if not _REPO_SEGMENT.match(part) or ".." in part or "--" in part:
+            raise InvalidReferenceError(f"Invalid hub repo id {repo_id!r}.", _REPO_REMEDY)
+    return repo_id
 
 
 @dataclass(frozen=True)

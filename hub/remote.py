@@ -48,28 +48,14 @@ from hub.errors import (
     ManifestError,
 )
 from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest
-from hub.ref import AdapterRef, validate_name
+from hub.ref import AdapterRef, validate_name, validate_repo_id
 from hub.store import LocalStore, verify_files
 
 logger = logging.getLogger(__name__)
 
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 _VERSION_TAG = re.compile(r"^v\d+$")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 KEEP_ON_REMOTE = (".gitattributes",)
-
-
-def validate_repo_id(repo_id: str) -> str:
-    """Return `repo_id` if it reads `namespace/name`.
-
-    Raises:
-        InvalidReferenceError.
-    """
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or ".." in repo_id:
-        raise InvalidReferenceError(
-            f"Invalid hub repo id {repo_id!r}.", "Hub repos are NAMESPACE/NAME, e.g. acme/sentiment-lora."
-        )
-    return repo_id
 
 
 def split_repo_revision(text: str) -> tuple[str, str | None]:

@@ -103,7 +103,8 @@ def verify_files(folder: Path, manifest: Manifest) -> None:
             )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,7 +128,7 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class LocalStore:
@@ -245,9 +246,9 @@ class LocalStore:
                 for path in staging.iterdir():
                     _fsync_file(path)
                 verify_files(staging, manifest)
-                _fsync_dir(staging)
+                fsync_dir(staging)
                 os.rename(staging, name_dir / str(version))
-                _fsync_dir(name_dir)
+                fsync_dir(name_dir)
                 (name_dir / COUNTER_FILE).write_text(str(version + 1))
                 if tags:
                     current = self._read_tags(name_dir)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hub.service.errors import CorruptBlobError, UnprocessableError
+from hub.store import fsync_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class BlobStore:
             target = self.path(sha256)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(upload.tmp_path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             upload.discard()
             raise
@@ -163,19 +164,3 @@ class BlobStore:
 
 def _what(sha256: str, path_in_repo: str | None) -> str:
     return f"file {path_in_repo!r} (blob sha256:{sha256})" if path_in_repo else f"blob sha256:{sha256}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import re
 
+from hub import ref
+from hub.errors import InvalidReferenceError
 from hub.service.errors import BadRequestError
 
-MAX_REPO_NAME = 96
+MAX_REPO_NAME = ref.MAX_REPO_NAME
 MAX_PATH = 1024
 MAX_PATH_SEGMENT = 255
 MAX_REVISION = 128
 RESERVED_NAMESPACES = frozenset({"api", "static", "models", "datasets", "spaces", "lfs"})
 
-_REPO_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 COMMIT_OID = re.compile(r"^[0-9a-f]{40}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -27,26 +28,22 @@ def _has_control(text: str) -> bool:
 
 
 def validate_repo_id(repo_id: str) -> str:
-    """Return `repo_id` if it is `namespace/name` with HF's naming rules.
+    """Return `repo_id` if it is `namespace/name` with HF's naming rules (`hub.ref.validate_repo_id`)
+    and its namespace is not one of the service's own URL prefixes.
 
     Raises:
         BadRequestError: naming the rule broken.
     """
-    remedy = "Repo ids are NAMESPACE/NAME: letters, digits, '-', '_', '.', at most 96 characters each."
-    if not isinstance(repo_id, str) or not repo_id:
-        raise BadRequestError("Repo id is empty.", remedy)
-    if _has_control(repo_id):
-        raise BadRequestError(f"Repo id {repo_id!r} contains control characters.", remedy)
-    parts = repo_id.split("/")
-    if len(parts) != 2:
-        raise BadRequestError(f"Repo id {repo_id!r} must have exactly one '/'.", remedy)
-    for part in parts:
-        if len(part) > MAX_REPO_NAME:
-            raise BadRequestError(f"Repo id part {part[:20]!r}... is longer than {MAX_REPO_NAME}.", remedy)
-        if not _REPO_SEGMENT.match(part) or ".." in part or "--" in part:
-            raise BadRequestError(f"Invalid repo id {repo_id!r}.", remedy)
-    if parts[0].lower() in RESERVED_NAMESPACES:
-        raise BadRequestError(f"Namespace {parts[0]!r} is reserved.", remedy)
+    try:
+        ref.validate_repo_id(repo_id)
+    except InvalidReferenceError as exc:
+        raise BadRequestError(exc.message, exc.remedy) from exc
+    namespace = repo_id.split("/")[0]
+    if namespace.lower() in RESERVED_NAMESPACES:
+        raise BadRequestError(
+            f"Namespace {namespace!r} is reserved: it names a route of the service.",
+            f"Use NAMESPACE/NAME with a namespace other than {', '.join(sorted(RESERVED_NAMESPACES))}.",
+        )
     return repo_id
 
 

@@ -3,7 +3,7 @@
 import pytest
 
 from hub.errors import InvalidReferenceError
-from hub.ref import AdapterRef, validate_name
+from hub.ref import AdapterRef, validate_name, validate_repo_id
 
 
 @pytest.mark.parametrize("name", ["sentiment", "team-a/sentiment", "ner_v2", "a.b-c_d", "x1"])
@@ -43,3 +43,31 @@ def test_parse_refuses_malformed(text: str) -> None:
 def test_error_is_also_a_value_error() -> None:
     with pytest.raises(ValueError):
         AdapterRef.parse("../x")
+
+
+@pytest.mark.parametrize("repo_id", ["acme/x", "a1/b-2.c_3", "Org/Name", "acme/" + "x" * 96])
+def test_good_hub_repo_ids(repo_id: str) -> None:
+    assert validate_repo_id(repo_id) == repo_id
+
+
+@pytest.mark.parametrize(
+    "repo_id",
+    [
+        "",
+        "x",
+        "a/b/c",
+        "acme/..",
+        "acme/a..b",
+        "acme/a--b",
+        "/x",
+        "acme/-x",
+        "acme/x-",
+        "a\nb/x",
+        "a/" + "x" * 97,
+    ],
+)
+def test_bad_hub_repo_ids_are_refused_with_the_rule(repo_id: str) -> None:
+    """One rule for the client (hub.remote) and the service (hub.service.names adds reserved namespaces)."""
+    with pytest.raises(InvalidReferenceError) as info:
+        validate_repo_id(repo_id)
+    assert "NAMESPACE/NAME" in info.value.remedy
