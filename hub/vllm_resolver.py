@@ -41,7 +41,6 @@ HUB_TOKEN_ENV = "ADAPTERDOCK_HUB_TOKEN"
 LORA_METHODS = ("lora", "qlora")
 """Methods whose result is a plain PEFT LoRA folder (QLoRA trains a LoRA on a quantized base)."""
 _MAX_ID = 2**31 - 1
-SERVE_WITH_US = "Serve it with `adapterdock serve --base <that base>` (see docs/scaling.md)."
 
 
 @dataclass(frozen=True)
@@ -105,13 +104,13 @@ def check_servable(manifest: Manifest, folder: Path, base: BaseInfo) -> None:
         raise NotServableError(
             f"{manifest.ref} is a {manifest.task} adapter: its task head is not something vLLM's "
             "completion endpoints run.",
-            SERVE_WITH_US,
+            _serve_with_us(manifest),
         )
     if manifest.method not in LORA_METHODS or manifest.adapter_format != "peft":
         raise NotServableError(
             f"{manifest.ref} is a {manifest.method} adapter ({manifest.adapter_format}); "
             "vLLM loads LoRA adapters only.",
-            SERVE_WITH_US,
+            _serve_with_us(manifest),
         )
     config = load_config(folder / ADAPTER_CONFIG)
     if config.get("use_dora"):
@@ -123,11 +122,21 @@ def check_servable(manifest: Manifest, folder: Path, base: BaseInfo) -> None:
         raise NotServableError(
             f"{manifest.ref} saves whole modules ({config['modules_to_save']}) beside its LoRA; "
             "vLLM's completion endpoints do not apply them.",
-            SERVE_WITH_US,
+            "Retrain it without modules_to_save, or serve it with `adapterdock serve` if it is a task head.",
         )
     check_peft_options(folder / ADAPTER_CONFIG, config)
-    check_base(manifest.ref, manifest.base, base.spec, expected_as="the base vLLM serves, ")
+    check_base(
+        manifest.ref,
+        manifest.base,
+        base.spec,
+        expected_as="the base vLLM serves, ",
+        remedy=f"Request it from a vLLM serving {manifest.base.name_or_path}, or retrain it on this base.",
+    )
     check_peft_fits_base(folder, base.path)
+
+
+def _serve_with_us(manifest: Manifest) -> str:
+    return f"Serve it with `adapterdock serve --base {manifest.base.name_or_path}` (see docs/scaling.md)."
 
 
 class VllmAdapterResolver:
