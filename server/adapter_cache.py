@@ -23,8 +23,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,17 +159,6 @@ class AdapterCache:
         if entry.leases == 0:
             self._wake_head()
 
-    @asynccontextmanager
-    async def leased(
-        self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
-    ) -> AsyncIterator[Any]:
-        """`async with cache.leased(key, load) as adapter:` acquire ... release."""
-        adapter = await self.acquire(key, load, nbytes_hint=nbytes_hint, stamp=stamp)
-        try:
-            yield adapter
-        finally:
-            self.release(key)
-
     # ---- pins and unloads ----------------------------------------------------------------------
     async def pin(
         self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
@@ -219,9 +207,6 @@ class AdapterCache:
     def entries(self) -> list[CacheEntry]:
         """Resident entries, least recently used first."""
         return list(self._entries.values())
-
-    def is_loading(self, key: str) -> bool:
-        return key in self._loading
 
     @property
     def stats(self) -> dict[str, Any]:

@@ -18,8 +18,6 @@ PREFIX = "adapterdock"
 NO_ADAPTER = "-"
 """Adapter label of requests that use the bare base or that failed before resolving one."""
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-_QUEUE_KEYS = ("queue_depth", "queued", "waiting", "pending")
-_BATCH_KEYS = ("batch_size", "last_batch_size", "running", "active")
 
 
 class Metrics:
@@ -91,7 +89,7 @@ class _LiveCollector(Collector):
         if self.cache is not None:
             yield from _cache_metrics(self.cache.stats)
         if self.scheduler is not None:
-            yield from _scheduler_metrics(dict(getattr(self.scheduler, "stats", {}) or {}))
+            yield from _scheduler_metrics(dict(self.scheduler.stats))
         if self.engine is not None:
             footprint = getattr(self.engine, "memory_footprint", None)
             if footprint is not None:
@@ -129,21 +127,15 @@ def _cache_metrics(stats: dict[str, Any]):
         yield GaugeMetricFamily(f"{PREFIX}_adapter_cache_{key}", text, value=stats.get(key, 0))
 
 
-def _first(stats: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    for key in keys:
-        if isinstance(stats.get(key), int | float):
-            return float(stats[key])
-    return None
-
-
 def _scheduler_metrics(stats: dict[str, Any]):
-    queue = _first(stats, _QUEUE_KEYS)
-    if queue is not None:
-        yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Requests waiting for the scheduler.", value=queue)
-    batch = _first(stats, _BATCH_KEYS)
-    if batch is not None:
+    """Queue depth and batch size under their own names, then every statistic the scheduler keeps."""
+    if "queue_depth" in stats:
         yield GaugeMetricFamily(
-            f"{PREFIX}_batch_size", "Sequences in the current forward batch.", value=batch
+            f"{PREFIX}_queue_depth", "Requests waiting for the scheduler.", value=stats["queue_depth"]
+        )
+    if "last_batch_size" in stats:
+        yield GaugeMetricFamily(
+            f"{PREFIX}_batch_size", "Sequences in the current forward batch.", value=stats["last_batch_size"]
         )
     for key, value in sorted(stats.items()):
         if isinstance(value, int | float) and not isinstance(value, bool) and key.isidentifier():

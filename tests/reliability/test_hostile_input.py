@@ -108,8 +108,8 @@ def test_path_traversal_is_refused_without_touching_outside_files(live: ServerPr
                 ("/v1/classify", {"adapter": ref, "inputs": "x"}),
                 ("/v1/adapters/load", {"adapter": ref}),
             ):
-                error = assert_refused(client.post(path, json=body), (400, 422))
-                assert error["code"] in ("invalid_reference", "invalid_body"), (ref, path, error)
+                error = assert_refused(client.post(path, json=body), 400)
+                assert error["code"] == "invalid_reference", (ref, path, error)
                 tried += 1
     # In the URL path: percent-encoded (decoded by the server) and raw dot segments (no client normalising).
     conn = http.client.HTTPConnection("127.0.0.1", int(live.url.rsplit(":", 1)[1]), timeout=30)
@@ -119,8 +119,8 @@ def test_path_traversal_is_refused_without_touching_outside_files(live: ServerPr
                 conn.request(method, f"/v1/adapters/{raw}{suffix}", headers=live.headers())
                 response = conn.getresponse()
                 payload = json.loads(response.read())
-                assert response.status in (400, 404), (raw, response.status, payload)
-                assert payload["error"]["code"] in ("invalid_reference", "not_found", "adapter_not_found")
+                assert response.status == 400, (raw, response.status, payload)
+                assert payload["error"]["code"] == "invalid_reference", (raw, payload)
                 tried += 1
     conn.close()
     with live.client() as client:

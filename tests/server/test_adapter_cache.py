@@ -47,7 +47,7 @@ def run(coro):
 
 
 def test_hits_misses_and_lru_eviction():
-    loader = Loader()
+    loader = Loader(seconds=0.01)
 
     async def scenario() -> AdapterCache:
         cache = AdapterCache(loader.unload, max_adapters=2)
@@ -62,7 +62,7 @@ def test_hits_misses_and_lru_eviction():
     assert [e.key for e in cache.entries()] == ["a", "c"]
     stats = cache.stats
     assert (stats["hits"], stats["misses"], stats["evictions"], stats["loads"]) == (1, 3, 1, 3)
-    assert stats["load_seconds_total"] >= 0
+    assert stats["load_seconds_total"] >= 3 * 0.01  # three loads of at least 10 ms each
 
 
 def test_byte_budget_evicts_until_it_fits_and_refuses_oversized():
@@ -212,20 +212,6 @@ def test_a_changed_registration_of_the_same_key_is_reloaded():
 
     run(scenario())
     assert loader.loads == ["a@1", "a@1"] and loader.unloads == ["a@1"]
-
-
-def test_leased_context_manager_releases_on_error():
-    loader = Loader()
-
-    async def scenario() -> AdapterCache:
-        cache = AdapterCache(loader.unload, max_adapters=1)
-        with pytest.raises(RuntimeError):
-            async with cache.leased("a", loader.load("a")) as adapter:
-                assert adapter.key == "a" and cache.get("a").leases == 1
-                raise RuntimeError("request failed")
-        return cache
-
-    assert run(scenario()).get("a").leases == 0
 
 
 def test_a_cancelled_waiter_does_not_leak_a_lease():

@@ -62,7 +62,8 @@ def test_list_load_pin_unpin_unload(server: FakeServer):
 def test_loading_refuses_foreign_and_full_models(server: FakeServer):
     assert server.client.post("/v1/adapters/load", json={"adapter": "foreign"}).status_code == 409
     assert server.client.post("/v1/adapters/merged/pin").status_code == 409
-    assert server.client.delete("/v1/adapters/..%2Fx").status_code in (400, 404)
+    refused = server.client.delete("/v1/adapters/..%2Fx")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_reference"
 
 
 def test_all_slots_busy_gives_503_with_retry_after(server: FakeServer):

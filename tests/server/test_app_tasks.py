@@ -44,7 +44,7 @@ def test_score_pairs_are_tokenized_once_through_the_chat_template(server: FakeSe
 
 
 def test_score_length_check_counts_the_chat_template(server: FakeServer):
-    # 20 characters of text fit the 32-token limit; rendered with the template (+18 tokens) they do not
+    # 20 characters of text fit the 32-token limit; rendered with the template (+19 tokens) they do not
     response = server.client.post("/v1/score", json={"adapter": "judge", "inputs": [["p" * 10, "r" * 10]]})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["code"] == "input_too_long"
