@@ -11,7 +11,8 @@
 
 Access: the rating paths (`server.feedback.auth.RATER_PATHS`) are checked here, before the body, by
 `server.feedback.auth`: the API key or the separate rater token (`ServerConfig.rater_token`), which opens
-nothing else. Boundary: HTTP only; storage is `server.feedback.store`, generation is `server.dispatch`.
+nothing else. Boundary: HTTP only; storage is `server.feedback.store`; leases, requests and generation are
+`server.leases`, `server.requests` and `server.streams`.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server import dispatch
+from server import leases, streams
 from server.config import ServerConfig
 from server.errors import InvalidInputError
 from server.feedback.auth import check_rater_access
 from server.feedback.records import MAX_COMMENT_LENGTH, MAX_RATER_LENGTH, VIEW_CHOICES, Pair, to_view
 from server.feedback.store import FeedbackStore, default_db_path
 from server.prompts import chat_ids, check_length, check_max_tokens
+from server.requests import Sampling, generation_requests
 from server.resolver import GENERATE
 from server.runtime import ServerState, State
 from server.schemas import MAX_STOP_LENGTH, MAX_STOP_SEQUENCES, ChatMessage, Seed, Temperature, TopP
@@ -68,6 +70,10 @@ class PairRequest(BaseModel):
     seed: Seed | None = None
     """Seed of answer a; answer b uses seed + 1 (same model) or the same seed (two models)."""
     stop: list[StopText] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES)
+
+    def sampling_settings(self, seed: int) -> Sampling:
+        """The sampling fields of one answer (seeded `seed`), for `server.requests.generation_requests`."""
+        return Sampling(temperature=self.temperature, top_p=self.top_p, seed=seed, stop=tuple(self.stop))
 
 
 class JudgementRequest(BaseModel):
@@ -231,12 +237,12 @@ def _prompt(body: PairRequest) -> tuple[str | list[dict[str, str]], list[dict[st
 
 async def _lease(
     state: ServerState, request: Request, model: str
-) -> tuple[dispatch.Lease, tuple[str, int | None]]:
+) -> tuple[leases.Lease, tuple[str, int | None]]:
     """Lease what `model` names, with the (adapter name, version) to store; the base has no version."""
     if model == state.base_name:
-        return dispatch.Lease(state, None, None), (state.base_name, None)
-    resolved = await dispatch.resolve(state, request, model, GENERATE)
-    lease = await dispatch.acquire(state, resolved)
+        return leases.Lease(state, None, None), (state.base_name, None)
+    resolved = await leases.resolve(state, request, model, GENERATE)
+    lease = await leases.acquire(state, resolved)
     return lease, (resolved.manifest.name, resolved.manifest.version)
 
 
@@ -250,33 +256,26 @@ async def _generate(
     max_tokens: int,
 ) -> tuple[list[str], list[str], list[tuple[str, int | None]]]:
     """Both answers through the scheduler (submitted together, so they can share a batch)."""
-    from server.scheduler import GenerationRequest
-
-    leases: list[dispatch.Lease] = []
+    held: list[leases.Lease] = []
     labels: list[tuple[str, int | None]] = []
     try:
         for model in models:
             lease, label = await _lease(state, request, model)
-            leases.append(lease)
+            held.append(lease)
             labels.append(label)
         requests = [
-            GenerationRequest(
-                prompt_ids=ids,
-                adapter=lease.adapter,
-                max_new_tokens=max_tokens,
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=seed,
-                stop=list(body.stop),
+            one
+            for lease, seed in zip(held, seeds, strict=True)
+            for one in generation_requests(
+                [ids], lease.adapter, max_new_tokens=max_tokens, sampling=body.sampling_settings(seed)
             )
-            for lease, seed in zip(leases, seeds, strict=True)
         ]
-        streams = await dispatch.start(state.scheduler, requests)
-        results = await dispatch.collect_all(streams)
+        running = await streams.start(state.scheduler, requests)
+        results = await streams.collect_all(running)
     finally:
-        for lease in leases:
+        for lease in held:
             lease.release()
-    for lease, result in zip(leases, results, strict=True):
+    for lease, result in zip(held, results, strict=True):
         state.metrics.observe_tokens(lease.label, len(ids), len(result.token_ids))
     return [r.text for r in results], [r.finish_reason for r in results], labels
 
