@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trainers.errors import DataError
 from trainers import classification
 from trainers.configs import ConfigError
+from trainers.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"
 TEXTS = ["my parcel never arrived", "I was charged twice", "the app crashes on start"]

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest_pref import SAMPLES, pref_config, pref_data  # noqa: F401
 
 from hub.store import LocalStore
 from trainers import dpo, instruction, loop, ppo, reward
@@ -59,7 +58,7 @@ def test_qlora_instruction_trains_in_bf16_with_paged_adamw8bit(
     assert torch.isfinite(logits).all()
 
 
-def test_reward_and_dpo_qlora_on_cuda(pref_config: Callable[..., Any], registry: LocalStore) -> None:  # noqa: F811
+def test_reward_and_dpo_qlora_on_cuda(pref_config: Callable[..., Any], registry: LocalStore) -> None:
     rm = reward.train(pref_config(reward, method="qlora", cpu=False, max_steps=4, baseline=False))
     assert rm.task == "reward" and rm.quantization["compute_dtype"] == "bfloat16"
     assert math.isfinite(rm.metrics["accuracy"])
@@ -68,7 +67,7 @@ def test_reward_and_dpo_qlora_on_cuda(pref_config: Callable[..., Any], registry:
     assert policy.task == "dpo" and math.isfinite(policy.metrics["loss"])
 
 
-def test_ppo_qlora_on_cuda(pref_config: Callable[..., Any], pref_data: dict[str, Any]) -> None:  # noqa: F811
+def test_ppo_qlora_on_cuda(pref_config: Callable[..., Any], pref_data: dict[str, Any]) -> None:
     rm = reward.train(pref_config(reward, method="qlora", cpu=False, max_steps=4, baseline=False, name="rm"))
     config = pref_config(
         ppo, method="qlora", cpu=False, reward=rm.ref, prompts=str(pref_data["prompts"]),

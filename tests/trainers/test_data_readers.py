@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from trainers.errors import DataError
 from trainers.data.readers import read_classification, read_instruction, read_ner
 from trainers.data.records import split_off_eval
+from trainers.errors import DataError
 from trainers.sample_data import sample_path
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"

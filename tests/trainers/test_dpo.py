@@ -7,19 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_pref import (  # noqa: F401
+
+from hub.bases import BaseInfo
+from hub.store import LocalStore
+from tests.trainers.conftest import (
     adapter_files,
     base_copies_in_memory,
     base_numel,
     non_adapter_numel,
-    pref_config,
-    pref_data,
     read_json,
     register_sft_adapter,
 )
-
-from hub.bases import BaseInfo
-from hub.store import LocalStore
 from trainers import dpo
 from trainers.configs import ConfigError
 
@@ -46,7 +44,7 @@ def inspect_models(monkeypatch: pytest.MonkeyPatch, tiny_base: BaseInfo) -> dict
 
 @pytest.mark.slow
 def test_dpo_trains_against_the_disabled_adapter(
-    pref_config: Callable[..., Any],  # noqa: F811
+    pref_config: Callable[..., Any],
     registry: LocalStore,
     tiny_base: BaseInfo,
     monkeypatch: pytest.MonkeyPatch,
@@ -74,7 +72,7 @@ def test_dpo_trains_against_the_disabled_adapter(
 
 @pytest.mark.slow
 def test_dpo_from_sft_adapter_loads_it_twice_on_one_base(
-    pref_config: Callable[..., Any],  # noqa: F811
+    pref_config: Callable[..., Any],
     registry: LocalStore,
     tiny_base: BaseInfo,
     tmp_path: Path,
@@ -100,7 +98,7 @@ def test_dpo_from_sft_adapter_loads_it_twice_on_one_base(
     assert manifest.trainer["data"]["from"] == sft
 
 
-def test_dpo_refuses_methods_without_a_shared_base(pref_config: Callable[..., Any]) -> None:  # noqa: F811
+def test_dpo_refuses_methods_without_a_shared_base(pref_config: Callable[..., Any]) -> None:
     with pytest.raises(ConfigError, match="--method full is not supported by dpo"):
         pref_config(dpo, method="full").validate()
     with pytest.raises(ConfigError, match="--beta must be > 0"):
@@ -108,7 +106,7 @@ def test_dpo_refuses_methods_without_a_shared_base(pref_config: Callable[..., An
 
 
 def test_dpo_from_must_be_an_instruction_lora(
-    pref_config: Callable[..., Any],  # noqa: F811
+    pref_config: Callable[..., Any],
     registry: LocalStore,
     tiny_base: BaseInfo,
     tmp_path: Path,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trainers.errors import DataError
 from trainers import instruction
+from trainers.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"
 PROMPT = [{"role": "user", "content": "Add 2 and 3."}]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trainers.errors import DataError
 from trainers import ner
+from trainers.errors import DataError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"
 SENTENCES = ["Anna Berg works for Orbitex in Oslo .", "flights from Lima to Cairo were delayed ."]

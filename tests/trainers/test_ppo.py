@@ -8,19 +8,18 @@ from typing import Any
 
 import pytest
 import torch
-from conftest_pref import (  # noqa: F401
+
+from hub.bases import BaseInfo
+from hub.store import LocalStore
+from tests.trainers.conftest import (
     SAMPLES,
     adapter_files,
     base_copies_in_memory,
     base_numel,
     non_adapter_numel,
-    pref_data,
     read_json,
     register_sft_adapter,
 )
-
-from hub.bases import BaseInfo
-from hub.store import LocalStore
 from trainers import ppo, ppo_rollout, reward
 from trainers.configs import ConfigError
 from trainers.data.preference import read_prompts
@@ -45,7 +44,7 @@ def reward_registry(tmp_path_factory: pytest.TempPathFactory, tiny_base: BaseInf
 def ppo_config(
     tiny_base: BaseInfo,
     reward_registry: LocalStore,
-    pref_data: dict[str, Path],  # noqa: F811
+    pref_data: dict[str, Path],
 ) -> Callable[..., ppo.Config]:
     def build(**overrides: Any) -> ppo.Config:
         values: dict[str, Any] = {

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest_pref import pref_config, pref_data, read_json  # noqa: F401
 
 from hub.bases import BaseInfo
 from hub.store import LocalStore
+from tests.trainers.conftest import read_json
 from trainers import reward
 from trainers.configs import ConfigError
 from trainers.data.collate import collate_pairs
@@ -38,10 +38,10 @@ def plain_peft_rewards(folder: Path, base: BaseInfo, pairs_file: Path, max_lengt
 
 @pytest.mark.slow
 def test_reward_trains_registers_and_reloads(
-    pref_config: Callable[..., Any],  # noqa: F811
+    pref_config: Callable[..., Any],
     registry: LocalStore,
     tiny_base: BaseInfo,
-    pref_data: dict[str, Path],  # noqa: F811
+    pref_data: dict[str, Path],
 ) -> None:
     config = pref_config(reward, max_steps=5, lr=3e-3)
     manifest = reward.train(config)
@@ -66,7 +66,7 @@ def test_reward_trains_registers_and_reloads(
 
 
 @pytest.mark.slow
-def test_reward_qlora(pref_config: Callable[..., Any], registry: LocalStore) -> None:  # noqa: F811
+def test_reward_qlora(pref_config: Callable[..., Any], registry: LocalStore) -> None:
     manifest = reward.train(pref_config(reward, method="qlora", max_steps=2, baseline=False))
     assert manifest.quantization and manifest.quantization["bits"] == 4
     assert manifest.method == "qlora" and manifest.task == "reward"
@@ -74,7 +74,7 @@ def test_reward_qlora(pref_config: Callable[..., Any], registry: LocalStore) -> 
 
 
 def test_bad_pairs_fail_before_training(
-    pref_config: Callable[..., Any],  # noqa: F811
+    pref_config: Callable[..., Any],
     registry: LocalStore,
     tmp_path: Path,
 ) -> None:
@@ -88,7 +88,7 @@ def test_bad_pairs_fail_before_training(
     assert registry.list() == []
 
 
-def test_reward_config_problems(pref_config: Callable[..., Any]) -> None:  # noqa: F811
+def test_reward_config_problems(pref_config: Callable[..., Any]) -> None:
     with pytest.raises(ConfigError) as info:
         pref_config(reward, center_rewards=-1.0, name="").validate()
     assert "--center-rewards must be >= 0" in str(info.value) and "--name is required" in str(info.value)
