@@ -31,9 +31,8 @@ from trainers.data.collate import collate_pairs
 from trainers.data.preference import load_preference_split
 from trainers.data.tokenize import encode_pair
 from trainers.export import save_and_register
-from trainers.loop import create_accelerator, run_training
-from trainers.methods import get_method
-from trainers.modeling import load_model, load_tokenizer, seed_everything
+from trainers.loop import run_training
+from trainers.modeling import load_tokenizer, seed_everything, set_up_training
 from trainers.registered_adapters import (
     REFERENCE,
     load_policy_and_reference,
@@ -111,14 +110,11 @@ def train(config: Config) -> Manifest | None:
     train_pairs = [encode_pair(tokenizer, p, config.max_length) for p in split.train]
     eval_pairs = [encode_pair(tokenizer, p, config.max_length) for p in split.eval]
 
-    accelerator = create_accelerator(config)
-    device = str(accelerator.device)
-    method = get_method(config.method)
-    model = load_model(base, TASK, tokenizer, **method.load_kwargs(config, device))
+    setup = set_up_training(config, base, TASK, tokenizer, prepare=start is None)
     if start is None:
-        policy = method.prepare(model, config, TASK)
+        policy = setup.model
     else:
-        policy = load_policy_and_reference(model, start.path, quantized=config.method == "qlora")
+        policy = load_policy_and_reference(setup.model, start.path, quantized=setup.method.quantized)
         logger.info("policy and reference start from %s (its LoRA shape is kept)", start.manifest.ref)
     reference_adapter = REFERENCE if start is not None else None
 
@@ -156,7 +152,7 @@ def train(config: Config) -> Manifest | None:
 
     result = run_training(
         policy, train_pairs, eval_pairs, lambda b: collate_pairs(b, tokenizer.pad_token_id),
-        config, accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
+        config, setup.accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
         loss_fn=loss_fn,
     )  # fmt: skip
     logger.info(
@@ -165,12 +161,11 @@ def train(config: Config) -> Manifest | None:
         result.metrics["logp_accuracy"], result.baseline.get("logp_accuracy", float("nan")),
         result.metrics["kl"],
     )  # fmt: skip
-    if not accelerator.is_main_process:
+    if not setup.accelerator.is_main_process:
         return None
     if start is not None:
         result.model.delete_adapter(REFERENCE)  # save only the trained adapter
     return save_and_register(
-        result.model, tokenizer=tokenizer, config=config, task=TASK, method_module=method,
-        base=base, labels=[], result=result, data=split.info,
-        quantization=method.quantization(config, device),
+        result.model, tokenizer=tokenizer, config=config, task=TASK, method=setup.method,
+        device=setup.device, base=base, labels=[], result=result, data=split.info,
     )  # fmt: skip

@@ -1,9 +1,10 @@
 """Export a finished run and register it: metrics.json, loss_curve.png, README.md, then the registry.
 
-Boundary: a trained model and a `TrainResult` in, a `hub.manifest.Manifest` out. The method module
-writes the weights; this module writes the run's history, loss curve and model card beside them,
-then calls `hub.store.LocalStore.put` -- the only way results reach the registry. Only the main
-process registers; any error before `put` leaves the registry untouched (put itself is atomic).
+Boundary: a trained model and a `TrainResult` in, a `hub.manifest.Manifest` out. The `Method`
+writes the weights and says what the manifest records about it (kind, format, quantization); this
+module writes the run's history, loss curve and model card beside them, then calls
+`hub.store.LocalStore.put` -- the only way results reach the registry. Only the main process
+registers; any error before `put` leaves the registry untouched (put itself is atomic).
 """
 
 from __future__ import annotations
@@ -11,10 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from hub.bases import BaseInfo
@@ -22,6 +22,7 @@ from hub.manifest import Manifest
 from hub.store import LocalStore
 from trainers.configs import TrainConfig
 from trainers.loop import TrainResult
+from trainers.methods import Method
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +82,16 @@ def write_loss_curve(out_dir: Path, history: Sequence[dict[str, Any]], title: st
     plt.close(figure)
 
 
-def usage_snippet(task: str, method_module: ModuleType, base: BaseInfo, labels: Sequence[str]) -> str:
+def usage_snippet(task: str, method: Method, base: BaseInfo, labels: Sequence[str]) -> str:
     """How to load the result with plain transformers/PEFT (or adapterdock for bottleneck)."""
     auto = AUTO_CLASS_NAMES[task]
     head = f", num_labels={len(labels)}" if auto != "AutoModelForCausalLM" else ""
-    if method_module.ADAPTER_FORMAT == "hf-model":
+    if method.adapter_format == "hf-model":
         return (
             "# ADAPTER_FOLDER: this folder (<registry>/NAME/VERSION)\n"
             f'from transformers import {auto}\nmodel = {auto}.from_pretrained("ADAPTER_FOLDER")'
         )
-    if method_module.ADAPTER_FORMAT == "bottleneck":
+    if method.adapter_format == "bottleneck":
         return (
             "# ADAPTER_FOLDER: this folder (<registry>/NAME/VERSION)\n"
             f"from transformers import {auto}\n"
@@ -110,7 +111,7 @@ def model_card(
     *,
     config: TrainConfig,
     task: str,
-    method_module: ModuleType,
+    method: Method,
     base: BaseInfo,
     labels: Sequence[str],
     result: TrainResult,
@@ -125,8 +126,8 @@ def model_card(
     data_lines = "".join(f"- {key}: {value}\n" for key, value in data.items())
     return (
         f"# {config.name}\n\n{config.description or f'A {task} adapter trained with adapterdock.'}\n\n"
-        f"- Task: {task}\n- Method: {config.method} ({method_module.KIND}, "
-        f"format {method_module.ADAPTER_FORMAT})\n"
+        f"- Task: {task}\n- Method: {config.method} ({method.kind}, "
+        f"format {method.adapter_format})\n"
         f"- Base: {base.name_or_path} ({base.fingerprint})\n{label_line}"
         f"- Trainable parameters: {result.trainable_params:,} of {result.total_params:,}\n"
         f"- Steps: {result.steps} ({result.epochs} epochs), {result.train_seconds:.1f} s, "
@@ -135,7 +136,7 @@ def model_card(
         "## Metrics (eval set)\n\n| metric | trained | baseline (before training) |\n|---|---|---|\n"
         + "\n".join(rows)
         + "\n\n![loss curve](loss_curve.png)\n\n## Usage\n\n```python\n"
-        + usage_snippet(task, method_module, base, labels)
+        + usage_snippet(task, method, base, labels)
         + "\n```\n\nWith adapterdock: `adapterdock serve --base "
         + f"{base.name_or_path}` and request model `{config.name}`.\n"
     )
@@ -151,18 +152,26 @@ def save_and_register(
     tokenizer: Any,
     config: TrainConfig,
     task: str,
-    method_module: ModuleType,
+    method: Method,
+    device: str,
     base: BaseInfo,
     labels: Sequence[str],
     result: TrainResult,
     data: dict[str, Any],
-    quantization: dict[str, Any] | None = None,
     extra_history: dict[str, Any] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Manifest:
     """Save the weights, write history/curve/card, and `put` the folder into the registry.
 
-    Call on the main process only. `data` describes the data (paths, sizes) for the card and the
-    manifest's `trainer` field; the resolved config goes there too.
+    Call on the main process only.
+
+    Args:
+        model: the trained (unwrapped) model; `method.save` writes it.
+        device: where it trained; the method's quantization record depends on it.
+        data: what the data was (paths, sizes), for the card and the manifest's `trainer` field
+            (the resolved config goes there too).
+        extra_history: more keys for `metrics.json`.
+        write_extra: writes a recipe's own files into the folder (e.g. PPO's reward curve).
     """
     with ExitStack() as stack:
         if config.output_dir:
@@ -170,11 +179,13 @@ def save_and_register(
             out_dir.mkdir(parents=True, exist_ok=True)
         else:
             out_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="adapterdock-")))
-        method_module.save(model, out_dir, tokenizer)
+        method.save(model, out_dir, tokenizer)
+        if write_extra is not None:
+            write_extra(out_dir)
         write_history(out_dir, result, extra_history)
         write_loss_curve(out_dir, result.history, f"{config.name}: {task} / {config.method}")
         card = model_card(
-            config=config, task=task, method_module=method_module, base=base, labels=labels,
+            config=config, task=task, method=method, base=base, labels=labels,
             result=result, data=data,
         )  # fmt: skip
         (out_dir / "README.md").write_text(card)
@@ -187,9 +198,9 @@ def save_and_register(
             labels=list(labels),
             metrics=manifest_metrics(result),
             trainer={**config.to_dict(), "data": data, "compute_precision": result.precision},
-            kind=method_module.KIND,
-            adapter_format=method_module.ADAPTER_FORMAT,
-            quantization=quantization,
+            kind=method.kind,
+            adapter_format=method.adapter_format,
+            quantization=method.quantization(config, device),
             description=config.description,
             tags=config.tags,
         )

@@ -24,10 +24,9 @@ from trainers.data.readers import read_instruction
 from trainers.data.records import ChatRecord, split_off_eval
 from trainers.data.tokenize import IGNORE_INDEX, tokenize_instruction
 from trainers.export import save_and_register
-from trainers.loop import create_accelerator, run_training
-from trainers.methods import get_method
+from trainers.loop import run_training
 from trainers.metrics import token_loss_scores
-from trainers.modeling import load_model, load_tokenizer, seed_everything
+from trainers.modeling import load_tokenizer, seed_everything, set_up_training
 
 logger = logging.getLogger(__name__)
 
@@ -78,24 +77,20 @@ def train(config: Config) -> Manifest | None:
         ConfigError, DataError (before any training), BaseNotFoundError.
     """
     config.validate()
-    base = resolve_base(config.base)
+    base = resolve_base(config.base, registry=config.registry)
     train_records, eval_records = load_data(config)
 
-    accelerator = create_accelerator(config)
-    method = get_method(config.method)
-    device = str(accelerator.device)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(base)
     train_examples = tokenize_instruction(train_records, tokenizer, config.max_length)
     eval_examples = tokenize_instruction(eval_records, tokenizer, config.max_length)
-    model = load_model(base, TASK, tokenizer, **method.load_kwargs(config, device))
-    model = method.prepare(model, config, TASK)
+    setup = set_up_training(config, base, TASK, tokenizer)
 
     result = run_training(
-        model, train_examples, eval_examples, collate_fn(tokenizer.pad_token_id), config,
-        accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
+        setup.model, train_examples, eval_examples, collate_fn(tokenizer.pad_token_id), config,
+        setup.accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
     )  # fmt: skip
-    if not accelerator.is_main_process:
+    if not setup.accelerator.is_main_process:
         return None
     data = {
         "train": config.data,
@@ -105,7 +100,6 @@ def train(config: Config) -> Manifest | None:
         "loss_on": "assistant tokens only (chat template)",
     }
     return save_and_register(
-        result.model, tokenizer=tokenizer, config=config, task=TASK, method_module=method,
-        base=base, labels=[], result=result, data=data,
-        quantization=method.quantization(config, device),
+        result.model, tokenizer=tokenizer, config=config, task=TASK, method=setup.method,
+        device=setup.device, base=base, labels=[], result=result, data=data,
     )  # fmt: skip

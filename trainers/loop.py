@@ -34,7 +34,7 @@ from transformers import get_scheduler
 
 from hub.errors import AdapterDockError
 from trainers.configs import ConfigError, TrainConfig
-from trainers.modeling import count_parameters
+from trainers.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -112,15 +112,28 @@ def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 def build_optimizer(
     model: torch.nn.Module, config: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; bitsandbytes' paged 8-bit AdamW for QLoRA on a GPU."""
+    """The method's optimizer (`Method.optimizer`) over the trainable parameters.
+
+    Raises:
+        ConfigError: nothing in the model trains.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters", "Check --method and --target-modules.")
-    if config.method == "qlora" and device.type == "cuda":
-        import bitsandbytes as bnb
+    return get_method(config.method).optimizer(params, config, device)
 
-        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
+    trainable = total = 0
+    for parameter in model.parameters():
+        count = parameter.numel()
+        if parameter.__class__.__name__ == "Params4bit":
+            count *= 2
+        total += count
+        if parameter.requires_grad:
+            trainable += count
+    return trainable, total
 
 
 def make_loader(

@@ -1,17 +1,20 @@
 """Load a base model and tokenizer for a task: the Auto class, the pad token, the seed.
 
-Boundary: a resolved `hub.bases.BaseInfo` in, a `transformers` model (not yet adapted) out. Which
-weights get trained is the methods' business (`trainers.methods`); this module never wraps a model.
-Call `seed_everything` before loading, so a task head's random init (and, later, the adapter's)
-is the same on every run with the same seed.
+Boundary: a resolved `hub.bases.BaseInfo` in, a `transformers` model out. Which weights get trained
+is the methods' business (`trainers.methods`): `set_up_training`, the setup every recipe shares,
+asks the run's `Method` how to load the base and lets it adapt the model; this module never wraps
+a model itself. Call `seed_everything` before loading, so a task head's random init (and, later,
+the adapter's) is the same on every run with the same seed.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import (
     AutoModelForCausalLM,
@@ -22,6 +25,9 @@ from transformers import (
 )
 
 from hub.bases import BaseInfo
+from trainers.configs import TrainConfig
+from trainers.loop import create_accelerator
+from trainers.methods import Method, get_method
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +99,45 @@ def load_model(
     return model
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; 4-bit weights count as their unpacked size."""
-    trainable = total = 0
-    for parameter in model.parameters():
-        count = parameter.numel()
-        if parameter.__class__.__name__ == "Params4bit":
-            count *= 2
-        total += count
-        if parameter.requires_grad:
-            trainable += count
-    return trainable, total
+@dataclass
+class TrainingSetup:
+    """What a recipe holds once its model is ready for the loop."""
+
+    accelerator: Accelerator
+    """Where the run happens (device, processes, mixed precision)."""
+    method: Method
+    """How the base was loaded and adapted; it also saves the result (`trainers.export`)."""
+    model: torch.nn.Module
+    """The loaded base, adapted by `method.prepare` (or as loaded, with `prepare=False`)."""
+
+    @property
+    def device(self) -> str:
+        """The accelerator's device as a string, as `Method` calls take it."""
+        return str(self.accelerator.device)
+
+
+def set_up_training(
+    config: TrainConfig,
+    base: BaseInfo,
+    task: str,
+    tokenizer: Any,
+    labels: list[str] | None = None,
+    *,
+    prepare: bool = True,
+) -> TrainingSetup:
+    """The setup every recipe shares: accelerator, method, base loaded for the method, adapted.
+
+    Seeding stays with the recipe (call `seed_everything` before this, so the head's init is
+    repeatable; `Method.prepare` seeds again before the adapter's init).
+
+    Args:
+        config: the run's config (`method` picks the `Method`).
+        base, task, tokenizer, labels: as for `load_model`.
+        prepare: False leaves the adapting to the caller (DPO starting from a registered adapter).
+    """
+    accelerator = create_accelerator(config)
+    method = get_method(config.method)
+    model = load_model(base, task, tokenizer, labels, **method.load_kwargs(config, str(accelerator.device)))
+    if prepare:
+        model = method.prepare(model, config, task)
+    return TrainingSetup(accelerator, method, model)

@@ -24,10 +24,9 @@ from trainers.data.readers import read_ner
 from trainers.data.records import TokensRecord, split_off_eval
 from trainers.data.tokenize import IGNORE_INDEX, tokenize_ner
 from trainers.export import save_and_register
-from trainers.loop import create_accelerator, run_training
-from trainers.methods import get_method
+from trainers.loop import run_training
 from trainers.metrics import entity_scores
-from trainers.modeling import load_model, load_tokenizer, seed_everything
+from trainers.modeling import load_tokenizer, seed_everything, set_up_training
 
 logger = logging.getLogger(__name__)
 
@@ -67,17 +66,13 @@ def train(config: Config) -> Manifest | None:
         ConfigError, DataError (before any training), BaseNotFoundError.
     """
     config.validate()
-    base = resolve_base(config.base)
+    base = resolve_base(config.base, registry=config.registry)
     train_records, eval_records, labels = load_data(config)
     label2id = {label: index for index, label in enumerate(labels)}
 
-    accelerator = create_accelerator(config)
-    method = get_method(config.method)
-    device = str(accelerator.device)
     seed_everything(config.seed)
     tokenizer = load_tokenizer(base)
-    model = load_model(base, TASK, tokenizer, labels, **method.load_kwargs(config, device))
-    model = method.prepare(model, config, TASK)
+    setup = set_up_training(config, base, TASK, tokenizer, labels)
 
     train_examples = tokenize_ner(train_records, tokenizer, label2id, config.max_length)
     eval_examples = tokenize_ner(eval_records, tokenizer, label2id, config.max_length)
@@ -96,12 +91,12 @@ def train(config: Config) -> Manifest | None:
         return entity_scores(predictions, references)
 
     result = run_training(
-        model, train_examples, eval_examples, collate_fn(tokenizer.pad_token_id), config,
-        accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
+        setup.model, train_examples, eval_examples, collate_fn(tokenizer.pad_token_id), config,
+        setup.accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
     )  # fmt: skip
     all_o = entity_scores([["O"] * len(r.tags) for r in eval_records], [r.tags for r in eval_records])
     result.metrics |= {f"all_o_{key}": value for key, value in all_o.items()}
-    if not accelerator.is_main_process:
+    if not setup.accelerator.is_main_process:
         return None
     data = {
         "train": config.data,
@@ -111,7 +106,6 @@ def train(config: Config) -> Manifest | None:
         "entity_types": sorted({label[2:] for label in labels if label != "O"}),
     }
     return save_and_register(
-        result.model, tokenizer=tokenizer, config=config, task=TASK, method_module=method,
-        base=base, labels=labels, result=result, data=data,
-        quantization=method.quantization(config, device),
+        result.model, tokenizer=tokenizer, config=config, task=TASK, method=setup.method,
+        device=setup.device, base=base, labels=labels, result=result, data=data,
     )  # fmt: skip

@@ -30,7 +30,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -46,9 +45,9 @@ from trainers.data.preference import read_prompts
 from trainers.data.records import split_off_eval
 from trainers.data.tokenize import encode_prompt
 from trainers.export import save_and_register
-from trainers.loop import TrainResult, create_accelerator, peak_memory_mb
+from trainers.loop import TrainResult, count_parameters, create_accelerator, peak_memory_mb
 from trainers.methods import get_method
-from trainers.modeling import count_parameters, load_model, load_tokenizer, seed_everything
+from trainers.modeling import load_model, load_tokenizer, seed_everything
 from trainers.ppo_rollout import PPOModels, Rollout, content_lengths, forward, rollout
 from trainers.registered_adapters import (
     REFERENCE,
@@ -181,7 +180,7 @@ def load_models(config: Config, base: Any, tokenizer: Any, device: str) -> PPOMo
     model = load_model(base, TASK, tokenizer, **method.load_kwargs(config, device))
     if config.from_adapter:
         start = registered_adapter(config.from_adapter, config.registry, base, START_TASKS, "--from-adapter")
-        policy = load_policy_and_reference(model, start.path, quantized=config.method == "qlora")
+        policy = load_policy_and_reference(model, start.path, quantized=method.quantized)
     else:
         policy = method.prepare(model, config, TASK)
     reward_head = attach_reward_adapter(policy, reward.path)
@@ -306,30 +305,25 @@ def paired_gain(after: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
     return {"reward_gain": float(diff.mean()), "reward_gain_ci95": 1.96 * sem}
 
 
-def _reward_curve_saver(method: Any, history: list[dict[str, Any]]) -> Any:
-    """The method module, with `save` also writing `reward_curve.png` (reward and KL per step)."""
+def write_reward_curve(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """`reward_curve.png`: mean reward and KL per PPO step (matplotlib Agg)."""
+    import matplotlib
 
-    def save(model: Any, out_dir: Path, tokenizer: Any = None) -> None:
-        method.save(model, out_dir, tokenizer)
-        import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        steps = [e["step"] for e in history if "reward" in e]
-        figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=100, sharex=True)
-        top.plot(steps, [e["reward"] for e in history if "reward" in e], label="mean reward")
-        bottom.plot(steps, [e["kl"] for e in history if "reward" in e], color="tab:red", label="KL")
-        top.set_ylabel("reward")
-        bottom.set_ylabel("KL (nats)")
-        bottom.set_xlabel("PPO step")
-        for axis in (top, bottom):
-            axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(out_dir / "reward_curve.png")
-        plt.close(figure)
-
-    return SimpleNamespace(KIND=method.KIND, ADAPTER_FORMAT=method.ADAPTER_FORMAT, save=save)
+    steps = [e["step"] for e in history if "reward" in e]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=100, sharex=True)
+    top.plot(steps, [e["reward"] for e in history if "reward" in e], label="mean reward")
+    bottom.plot(steps, [e["kl"] for e in history if "reward" in e], color="tab:red", label="KL")
+    top.set_ylabel("reward")
+    bottom.set_ylabel("KL (nats)")
+    bottom.set_xlabel("PPO step")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "reward_curve.png")
+    plt.close(figure)
 
 
 def train(config: Config) -> Manifest:
@@ -468,7 +462,7 @@ def train(config: Config) -> Manifest:
         **({"from": config.from_adapter} if config.from_adapter else {}),
     }
     return save_and_register(
-        models.policy, tokenizer=tokenizer, config=config, task=TASK,
-        method_module=_reward_curve_saver(method, history), base=base, labels=[], result=result,
-        data=data, quantization=method.quantization(config, device),
+        models.policy, tokenizer=tokenizer, config=config, task=TASK, method=method, device=device,
+        base=base, labels=[], result=result, data=data,
+        write_extra=lambda out_dir: write_reward_curve(out_dir, history),
     )  # fmt: skip

@@ -28,9 +28,8 @@ from trainers.data.collate import collate_pairs
 from trainers.data.preference import load_preference_split
 from trainers.data.tokenize import encode_pair
 from trainers.export import save_and_register
-from trainers.loop import create_accelerator, run_training
-from trainers.methods import get_method
-from trainers.modeling import load_model, load_tokenizer, seed_everything
+from trainers.loop import run_training
+from trainers.modeling import load_tokenizer, seed_everything, set_up_training
 
 logger = logging.getLogger(__name__)
 
@@ -81,11 +80,7 @@ def train(config: Config) -> Manifest | None:
     train_pairs = [encode_pair(tokenizer, p, config.max_length) for p in split.train]
     eval_pairs = [encode_pair(tokenizer, p, config.max_length) for p in split.eval]
 
-    accelerator = create_accelerator(config)
-    device = str(accelerator.device)
-    method = get_method(config.method)
-    model = load_model(base, TASK, tokenizer, labels=LABELS, **method.load_kwargs(config, device))
-    model = method.prepare(model, config, TASK)
+    setup = set_up_training(config, base, TASK, tokenizer, LABELS)
 
     def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         chosen, rejected = pair_rewards(model, batch).float().chunk(2)
@@ -106,8 +101,8 @@ def train(config: Config) -> Manifest | None:
         return metrics
 
     result = run_training(
-        model, train_pairs, eval_pairs, lambda b: collate_pairs(b, tokenizer.pad_token_id),
-        config, accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
+        setup.model, train_pairs, eval_pairs, lambda b: collate_pairs(b, tokenizer.pad_token_id),
+        config, setup.accelerator, eval_step=eval_step, compute_metrics=compute_metrics,
         loss_fn=loss_fn,
     )  # fmt: skip
     logger.info(
@@ -115,10 +110,9 @@ def train(config: Config) -> Manifest | None:
         result.metrics["accuracy"], result.baseline.get("accuracy", float("nan")),
         result.metrics["margin"],
     )  # fmt: skip
-    if not accelerator.is_main_process:
+    if not setup.accelerator.is_main_process:
         return None
     return save_and_register(
-        result.model, tokenizer=tokenizer, config=config, task=TASK, method_module=method,
-        base=base, labels=LABELS, result=result, data=split.info,
-        quantization=method.quantization(config, device),
+        result.model, tokenizer=tokenizer, config=config, task=TASK, method=setup.method,
+        device=setup.device, base=base, labels=LABELS, result=result, data=split.info,
     )  # fmt: skip

@@ -25,9 +25,10 @@ TEXTS = ["my parcel never arrived", "the app crashes on start", "I was charged t
 def test_trainer_and_server_quantize_alike() -> None:
     from server.model_loader import quantization_config
     from trainers.configs import TrainConfig
-    from trainers.methods import qlora
+    from trainers.methods import get_method, qlora
 
-    trained = qlora.load_kwargs(TrainConfig(data="x", name="x", method="qlora"), "cpu")["quantization_config"]
+    config = TrainConfig(data="x", name="x", method="qlora")
+    trained = get_method("qlora").load_kwargs(config, "cpu")["quantization_config"]
     served = quantization_config("nf4", qlora.compute_dtype("cpu"))
     for field in (
         "load_in_4bit",

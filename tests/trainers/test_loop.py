@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainers.configs import TrainConfig
-from trainers.loop import TrainingDivergedError, create_accelerator, run_training
+from trainers.configs import ConfigError, TrainConfig
+from trainers.loop import TrainingDivergedError, build_optimizer, create_accelerator, run_training
 
 
 def examples(count: int) -> list[dict]:
@@ -72,3 +72,11 @@ def test_non_finite_loss_stops_the_run() -> None:
             model, examples(8), examples(4), collate, cfg, create_accelerator(cfg),
             eval_step=eval_step, compute_metrics=accuracy, loss_fn=nan_loss,
         )  # fmt: skip
+
+
+def test_optimizer_comes_from_the_method_and_needs_trainable_weights() -> None:
+    model = torch.nn.Linear(4, 2)
+    assert type(build_optimizer(model, config(), torch.device("cpu"))) is torch.optim.AdamW
+    model.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer(model, config(), torch.device("cpu"))

@@ -101,8 +101,16 @@ def test_qlora_settings_on_cpu() -> None:
     assert bnb.bnb_4bit_compute_dtype == torch.float32
     assert "score" in bnb.llm_int8_skip_modules
     assert qlora.quantization(config(method="qlora"), "cpu")["bits"] == 4
-    assert (qlora.KIND, qlora.ADAPTER_FORMAT) == ("adapter", "peft")
-    assert (get_method("full").KIND, get_method("full").ADAPTER_FORMAT) == ("model", "hf-model")
+    assert (qlora.name, qlora.kind, qlora.adapter_format, qlora.quantized) == (
+        "qlora",
+        "adapter",
+        "peft",
+        True,
+    )
+    assert get_method("lora").quantization(config(), "cpu") is None
+    full = get_method("full")
+    assert (full.kind, full.adapter_format, full.quantized) == ("model", "hf-model", False)
+    assert get_method("bottleneck").adapter_format == "bottleneck"
     with pytest.raises(ValueError, match="unknown method"):
         get_method("prefix")
 
@@ -116,3 +124,12 @@ def test_config_resolution_and_errors() -> None:
         TrainConfig.from_dict({"data": "d", "name": "n", "epochz": 1})
     problems = TrainConfig(epochs=0, batch_size=0, eval_fraction=1.5).problems()
     assert len(problems) == 5  # data, name, epochs/max-steps, batch size, eval fraction
+
+
+@pytest.mark.parametrize("name", ["lora", "qlora", "bottleneck", "full"])
+def test_method_owns_its_optimizer_on_cpu(name: str) -> None:
+    """On a CPU every method steps with AdamW at its default rate (QLoRA's paged 8-bit AdamW is GPU-only)."""
+    run = config(method=name, weight_decay=0.01)
+    optimizer = get_method(name).optimizer([torch.nn.Parameter(torch.zeros(2))], run, torch.device("cpu"))
+    assert type(optimizer) is torch.optim.AdamW
+    assert optimizer.defaults["lr"] == run.learning_rate and optimizer.defaults["weight_decay"] == 0.01

@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,11 +27,13 @@ from hub.adapter_format import BOTTLENECK_CONFIG as CONFIG_NAME
 from hub.adapter_format import WEIGHTS_FILE as WEIGHTS_NAME
 from hub.adapter_format import BottleneckConfig
 from hub.errors import CorruptAdapterError
+from trainers.methods import Method
+
+if TYPE_CHECKING:
+    from trainers.configs import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-KIND = "adapter"
-ADAPTER_FORMAT = "bottleneck"
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 """`hub.adapter_format.BOTTLENECK_ACTIVATIONS` as torch modules."""
 HEAD_NAMES = ("score.weight", "score.bias")
@@ -188,40 +190,35 @@ def load_bottleneck(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-# ---- the method interface (see trainers.methods) --------------------------------------------------
+# ---- the method (see trainers.methods) -----------------------------------------------------------
 
 
-def load_kwargs(config: Any, device: str) -> dict[str, Any]:
-    """No extra loading arguments."""
-    return {}
+class BottleneckMethod(Method):
+    """Bottleneck adapters on a frozen base; AdamW; saved in the bottleneck format; no quantization."""
 
+    name = "bottleneck"
+    adapter_format = "bottleneck"
 
-def quantization(config: Any, device: str) -> dict[str, Any] | None:
-    """Bottleneck adapters use no quantization."""
-    return None
+    def prepare(self, model: nn.Module, config: TrainConfig, task: str) -> nn.Module:
+        """Freeze the base, add seeded adapters, keep the task head (`score`) trainable."""
+        from trainers.modeling import PEFT_TASK_TYPES, has_head, seed_everything
 
+        seed_everything(config.seed)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        cfg = make_config(
+            model,
+            variant=config.bottleneck_variant,
+            reduction_factor=config.reduction_factor,
+            non_linearity=config.non_linearity,
+            task_type=PEFT_TASK_TYPES[task],
+            num_labels=model.config.num_labels if has_head(task) else None,
+        )
+        add_bottleneck_adapters(model, cfg, dropout=config.dropout)
+        if has_head(task):
+            model.score.requires_grad_(True)
+        return model
 
-def prepare(model: nn.Module, config: Any, task: str) -> nn.Module:
-    """Freeze the base, add seeded adapters, keep the task head (`score`) trainable."""
-    from trainers.modeling import PEFT_TASK_TYPES, has_head, seed_everything
-
-    seed_everything(config.seed)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    cfg = make_config(
-        model,
-        variant=config.bottleneck_variant,
-        reduction_factor=config.reduction_factor,
-        non_linearity=config.non_linearity,
-        task_type=PEFT_TASK_TYPES[task],
-        num_labels=model.config.num_labels if has_head(task) else None,
-    )
-    add_bottleneck_adapters(model, cfg, dropout=config.dropout)
-    if has_head(task):
-        model.score.requires_grad_(True)
-    return model
-
-
-def save(model: nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
-    """Write the bottleneck folder."""
-    save_bottleneck(model, out_dir)
+    def save(self, model: nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
+        """Write the bottleneck folder."""
+        save_bottleneck(model, out_dir)

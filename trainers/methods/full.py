@@ -13,32 +13,26 @@ from typing import Any
 import torch
 
 from trainers.configs import TrainConfig
+from trainers.methods import Method
 from trainers.modeling import seed_everything
 
-KIND = "model"
-ADAPTER_FORMAT = "hf-model"
 
+class FullFineTuning(Method):
+    """Every weight trains; AdamW; saved as a complete HF model folder."""
 
-def load_kwargs(config: TrainConfig, device: str) -> dict[str, Any]:
-    """No extra loading arguments."""
-    return {}
+    name = "full"
+    kind = "model"
+    adapter_format = "hf-model"
 
+    def prepare(self, model: torch.nn.Module, config: TrainConfig, task: str) -> torch.nn.Module:
+        """Make every parameter trainable."""
+        seed_everything(config.seed)
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return model
 
-def quantization(config: TrainConfig, device: str) -> dict[str, Any] | None:
-    """Full fine-tuning uses no quantization."""
-    return None
-
-
-def prepare(model: torch.nn.Module, config: TrainConfig, task: str) -> torch.nn.Module:
-    """Make every parameter trainable."""
-    seed_everything(config.seed)
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
-    return model
-
-
-def save(model: Any, out_dir: Path, tokenizer: Any = None) -> None:
-    """`save_pretrained` (safetensors) plus the tokenizer, so the folder is a loadable base."""
-    model.save_pretrained(out_dir, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    def save(self, model: Any, out_dir: Path, tokenizer: Any = None) -> None:
+        """`save_pretrained` (safetensors) plus the tokenizer, so the folder is a loadable base."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)

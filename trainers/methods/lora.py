@@ -14,10 +14,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from trainers.configs import TrainConfig
+from trainers.methods import Method
 from trainers.modeling import HEAD_MODULES, PEFT_TASK_TYPES, has_head, seed_everything
-
-KIND = "adapter"
-ADAPTER_FORMAT = "peft"
 
 
 def lora_config(config: TrainConfig, task: str) -> LoraConfig:
@@ -32,30 +30,25 @@ def lora_config(config: TrainConfig, task: str) -> LoraConfig:
     )
 
 
-def load_kwargs(config: TrainConfig, device: str) -> dict[str, Any]:
-    """No extra loading arguments: LoRA trains on the full-precision base."""
-    return {}
+class LoRA(Method):
+    """LoRA on the full-precision base; AdamW; saved as a PEFT adapter; no quantization."""
 
+    name = "lora"
+    adapter_format = "peft"
 
-def quantization(config: TrainConfig, device: str) -> dict[str, Any] | None:
-    """LoRA uses no quantization."""
-    return None
+    def prepare(self, model: torch.nn.Module, config: TrainConfig, task: str) -> PeftModel:
+        """Wrap `model` with LoRA; seeds first so the adapter's init is repeatable."""
+        seed_everything(config.seed)
+        base_name = config.base
+        model.config.name_or_path = base_name
+        peft_model = get_peft_model(model, lora_config(config, task))
+        peft_model.peft_config["default"].base_model_name_or_path = base_name
+        return peft_model
 
+    def save(self, model: torch.nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
+        """`save_pretrained` in safetensors (adapter_config.json + adapter_model.safetensors).
 
-def prepare(model: torch.nn.Module, config: TrainConfig, task: str) -> PeftModel:
-    """Wrap `model` with LoRA; seeds first so the adapter's init is repeatable."""
-    seed_everything(config.seed)
-    base_name = config.base
-    model.config.name_or_path = base_name
-    peft_model = get_peft_model(model, lora_config(config, task))
-    peft_model.peft_config["default"].base_model_name_or_path = base_name
-    return peft_model
-
-
-def save(model: torch.nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
-    """`save_pretrained` in safetensors (adapter_config.json + adapter_model.safetensors).
-
-    Embeddings are never trained here, so PEFT's check for a resized vocabulary (which looks the
-    base up by name, possibly online) is skipped.
-    """
-    model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
+        Embeddings are never trained here, so PEFT's check for a resized vocabulary (which looks the
+        base up by name, possibly online) is skipped.
+        """
+        model.save_pretrained(out_dir, safe_serialization=True, save_embedding_layers=False)
