@@ -85,6 +85,11 @@ def test_server_never_imports_trainers() -> None:
     assert violations(python_files("server"), ("trainers",)) == []
 
 
+def test_server_modules_that_promise_no_torch_import_none() -> None:
+    torch_free = [ROOT / "server" / "adapter_fit.py"]
+    assert violations(torch_free, ("torch", "transformers", "peft", "bitsandbytes")) == []
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_recipes_never_import_each_other(recipe: str) -> None:
     own = [ROOT / "trainers" / f"{module}.py" for module in RECIPES[recipe]]
