@@ -4,7 +4,8 @@ One vLLM process (module fixture, fp32, tiny base) with `VLLM_PLUGINS=adapterdoc
 two versions of a chat adapter (one tagged prod), a classification adapter and an adapter recorded for
 another base; a third chat adapter is pushed to our hub service as `acme/chat`. Checks: greedy output
 through vLLM equals `adapterdock serve`'s for the same adapter by `name@version`, by tag and pulled from the
-hub as `acme/chat@1`; the other base, the classification adapter and a missing name get 404 with the
+hub as `acme/chat@1`; after the prod tag moves, vLLM keeps the version it resolved (as documented) while
+our server follows; the other base, the classification adapter and a missing name get 404 with the
 reason in vLLM's log, and vLLM keeps serving.
 
 vLLM lives in its own venv (`.ci/vllm-venv` builds `.venv-vllm`; or set ADAPTERDOCK_VLLM_VENV); without
@@ -186,6 +187,10 @@ def test_vllm_gives_our_servers_greedy_output_for_registry_adapters(servers: Ser
     pulled = servers.store.get("acme/chat").manifest  # pulled from the hub by the plugin inside vLLM
     assert pulled.files == servers.store.get("hub-chat@1").manifest.files
     assert pulled.base.fingerprint == servers.base.fingerprint
+    # A moved tag: vLLM keeps what it resolved under that name (docs/scaling.md); our server follows the tag.
+    servers.store.tag("chat@1", "prod")
+    assert text_of(complete(servers.vllm, "chat@prod")) == answers["chat@prod"]
+    assert text_of(complete(servers.ours, "chat@prod")) == answers["chat@1"]
 
 
 def test_vllm_refuses_what_it_cannot_serve_and_keeps_serving(servers: Servers) -> None:
