@@ -131,6 +131,8 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     imp.add_argument("--tag", action="append", default=[], help="tag the new version (repeatable)")
 
     add_remote_commands(sub, help_formatter)
+    for command in sub.choices.values():  # `hub --registry R CMD` and `hub CMD --registry R` both work
+        command.add_argument("--registry", type=Path, default=argparse.SUPPRESS, help=REGISTRY_HELP)
     return parser
 
 

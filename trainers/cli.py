@@ -3,7 +3,8 @@
 Every recipe module (`trainers.classification`, `.ner`, `.instruction`, `.reward`, `.dpo`, `.ppo`)
 exposes `Config` (a `TrainConfig` dataclass), `train(config)`, `HELP` and `EXAMPLE`. Each Config
 field becomes a `--flag` whose help is the field's `metadata["help"]`; `--config FILE.yaml` takes
-the same keys and command-line flags win over it. Recipes are imported lazily, and one that is
+the same keys and command-line flags win over it. `--registry` is also accepted before TASK, as
+`adapterdock hub` takes it on either side of its command. Recipes are imported lazily, and one that is
 missing from this build is left out. Prints the registered `name@version` and the eval metrics.
 """
 
@@ -93,6 +94,12 @@ def build_parser(tasks: list[str] | None = None) -> argparse.ArgumentParser:
         description="Train an adapter (or a full model) and register it in the local registry.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--registry",
+        default=argparse.SUPPRESS,
+        metavar="REGISTRY",
+        help="Registry folder, as after TASK (default: $ADAPTERDOCK_REGISTRY or ./adapters).",
     )
     subparsers = parser.add_subparsers(dest="task", metavar="TASK")
     for task in tasks or list(RECIPES):

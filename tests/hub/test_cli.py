@@ -70,6 +70,26 @@ def test_import_list_tag_rm(peft_folder: Path, tiny_base: BaseInfo, tmp_path: Pa
     assert "No adapter named 'chat'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_registry_goes_before_or_after_the_command(
+    place: str, peft_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setenv("ADAPTERDOCK_REGISTRY", str(tmp_path / "default"))  # must stay unused
+    reg = str(tmp_path / "reg")
+
+    def hub(*argv: str) -> int:
+        where = ["--registry", reg]
+        return adapterdock(["hub", *where, *argv] if place == "before" else ["hub", *argv, *where])
+
+    assert hub("import", str(peft_folder), "--name", "chat", "--task", "instruction", "--base", "tiny") == 0
+    assert hub("tag", "chat@1", "prod") == 0
+    capsys.readouterr()
+    assert hub("list") == 0 and "chat@1" in capsys.readouterr().out
+    assert hub("show", "chat@prod", "--resolve") == 0
+    assert LocalStore(reg).versions("chat") == [1]
+    assert not (tmp_path / "default").exists()
+
+
 def test_import_refuses_an_adapter_for_another_base(peft_folder: Path, tmp_path: Path, capsys) -> None:
     wrong = tmp_path / "wrong"
     wrong.mkdir()

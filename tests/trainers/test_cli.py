@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from adapterdock.cli import main as adapterdock
 from trainers import classification, cli
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"
@@ -45,6 +46,16 @@ def test_target_modules_list(monkeypatch) -> None:
     monkeypatch.setattr(classification, "train", captured.append)
     cli.main(["classification", "--data", "b.jsonl", "--name", "x", "--target-modules", "q_proj", "v_proj"])
     assert captured[0].target_modules == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_registry_goes_before_or_after_the_task(place: str, monkeypatch) -> None:
+    captured = []
+    monkeypatch.setattr(classification, "train", captured.append)
+    task, where = ["classification", "--data", "d.jsonl", "--name", "x"], ["--registry", "reg"]
+    argv = [*where, *task] if place == "before" else [*task, *where]
+    assert adapterdock(["train", *argv]) == 0
+    assert captured[0].registry == "reg"
 
 
 def test_unknown_yaml_key_and_bad_data_exit_2(tmp_path, capsys, make_config, small_data, registry) -> None:
