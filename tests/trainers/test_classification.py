@@ -100,7 +100,7 @@ def test_eval_split_from_train_when_no_eval_file(make_config) -> None:
 def test_bad_data_fails_before_training_and_registers_nothing(
     data, eval_file, expected, make_config, registry, monkeypatch
 ) -> None:
-    monkeypatch.setattr(classification, "load_model", _must_not_load)
+    monkeypatch.setattr(classification, "set_up_training", _must_not_load)
     overrides = {}
     if data:
         overrides["data"] = str(DATA / data)
