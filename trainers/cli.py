@@ -4,8 +4,8 @@ Every recipe module (`trainers.classification`, `.ner`, `.instruction`, `.reward
 exposes `Config` (a `TrainConfig` dataclass), `train(config)`, `HELP` and `EXAMPLE`. Each Config
 field becomes a `--flag` whose help is the field's `metadata["help"]`; `--config FILE.yaml` takes
 the same keys and command-line flags win over it. `--registry` is also accepted before TASK, as
-`adapterdock hub` takes it on either side of its command. Recipes are imported lazily, and one that is
-missing from this build is left out. Prints the registered `name@version` and the eval metrics.
+`adapterdock hub` takes it on either side of its command. Recipes are imported lazily (only the
+one named, when a TASK is given). Prints the registered `name@version` and the eval metrics.
 """
 
 from __future__ import annotations
@@ -38,15 +38,9 @@ EPILOG = """examples:
 Run `adapterdock train TASK --help` for every option of a task."""
 
 
-def load_recipe(task: str) -> types.ModuleType | None:
-    """Import a recipe module; None when it is not part of this build."""
-    name = RECIPES[task]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        if err.name == name:
-            return None
-        raise
+def load_recipe(task: str) -> types.ModuleType:
+    """Import a recipe module (every recipe ships in the same wheel as this command)."""
+    return importlib.import_module(RECIPES[task])
 
 
 def _flag_type(annotation: Any) -> tuple[Any, bool]:
@@ -104,8 +98,6 @@ def build_parser(tasks: list[str] | None = None) -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="task", metavar="TASK")
     for task in tasks or list(RECIPES):
         recipe = load_recipe(task)
-        if recipe is None:
-            continue
         sub = subparsers.add_parser(
             task,
             help=recipe.HELP,

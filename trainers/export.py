@@ -23,17 +23,9 @@ from hub.store import LocalStore
 from trainers.configs import TrainConfig
 from trainers.loop import TrainResult
 from trainers.methods import Method
+from trainers.modeling import AUTO_CLASSES
 
 logger = logging.getLogger(__name__)
-
-AUTO_CLASS_NAMES = {
-    "classification": "AutoModelForSequenceClassification",
-    "reward": "AutoModelForSequenceClassification",
-    "ner": "AutoModelForTokenClassification",
-    "instruction": "AutoModelForCausalLM",
-    "dpo": "AutoModelForCausalLM",
-    "ppo": "AutoModelForCausalLM",
-}
 
 
 def manifest_metrics(result: TrainResult) -> dict[str, Any]:
@@ -84,7 +76,7 @@ def write_loss_curve(out_dir: Path, history: Sequence[dict[str, Any]], title: st
 
 def usage_snippet(task: str, method: Method, base: BaseInfo, labels: Sequence[str]) -> str:
     """How to load the result with plain transformers/PEFT (or adapterdock for bottleneck)."""
-    auto = AUTO_CLASS_NAMES[task]
+    auto = AUTO_CLASSES[task].__name__
     head = f", num_labels={len(labels)}" if auto != "AutoModelForCausalLM" else ""
     if method.adapter_format == "hf-model":
         return (

@@ -88,9 +88,3 @@ def test_a_run_prints_reference_and_metrics(capsys, small_data, registry, tiny_b
     out = capsys.readouterr().out
     assert "registered cli-ner@1" in out and "f1:" in out
     assert registry.get("cli-ner@1").manifest.trainer["max_steps"] == 2
-
-
-def test_missing_recipe_module_is_skipped(monkeypatch, capsys) -> None:
-    monkeypatch.setitem(cli.RECIPES, "nope", "trainers.nope_not_here")
-    text = help_text(["--help"], capsys)
-    assert "nope" not in text and "classification" in text
