@@ -7,8 +7,9 @@ forward hook to the output of a block's attention `o_proj` (Houlsby only) and ML
 Folder: `bottleneck_config.json` + `adapter_model.safetensors` with tensors
 `layers.{i}.attn_adapter.{down,up}.{weight,bias}`, `layers.{i}.mlp_adapter.{down,up}.{weight,bias}`
 and, for task heads, `score.weight`. The format's rules (file names, the `bottleneck_config.json`
-schema, variants, activations) are `hub.adapter_format`'s. Boundary: torch, safetensors and hub only (no
-PEFT); the server reads these folders with its own code (`server.adapter_weights`), not this module.
+schema, variants, activations) are `hub.adapter_format`'s. Boundary: torch, safetensors, hub and the
+`trainers.methods.Method` interface (no PEFT); the server reads these folders with its own code
+(`server.adapter_weights`), not this module.
 """
 
 from __future__ import annotations
