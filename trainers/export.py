@@ -1,5 +1,7 @@
 """Export a finished run and register it: metrics.json, loss_curve.png, README.md, then the registry.
 
+PPO adds `reward_curve.png` (`write_reward_curve`, passed as `save_and_register`'s `write_extra`).
+
 Boundary: a trained model and a `TrainResult` in, a `hub.manifest.Manifest` out. The `Method`
 writes the weights and says what the manifest records about it (kind, format, quantization); this
 module writes the run's history, loss curve and model card beside them, then calls
@@ -71,6 +73,27 @@ def write_loss_curve(out_dir: Path, history: Sequence[dict[str, Any]], title: st
     axis.legend()
     figure.tight_layout()
     figure.savefig(out_dir / "loss_curve.png")
+    plt.close(figure)
+
+
+def write_reward_curve(out_dir: Path, history: Sequence[dict[str, Any]]) -> None:
+    """`reward_curve.png`: mean reward and KL per PPO step (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in history if "reward" in e]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=100, sharex=True)
+    top.plot(steps, [e["reward"] for e in history if "reward" in e], label="mean reward")
+    bottom.plot(steps, [e["kl"] for e in history if "reward" in e], color="tab:red", label="KL")
+    top.set_ylabel("reward")
+    bottom.set_ylabel("KL (nats)")
+    bottom.set_xlabel("PPO step")
+    for axis in (top, bottom):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(out_dir / "reward_curve.png")
     plt.close(figure)
 
 

@@ -29,7 +29,6 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,7 +43,7 @@ from trainers.configs import ConfigError, TrainConfig, option
 from trainers.data.preference import read_prompts
 from trainers.data.records import split_off_eval
 from trainers.data.tokenize import encode_prompt
-from trainers.export import save_and_register
+from trainers.export import save_and_register, write_reward_curve
 from trainers.loop import TrainResult, count_parameters, create_accelerator, peak_memory_mb
 from trainers.methods import get_method
 from trainers.modeling import load_model, load_tokenizer, seed_everything
@@ -303,27 +302,6 @@ def paired_gain(after: torch.Tensor, before: torch.Tensor) -> dict[str, float]:
     diff = (after - before).double()
     sem = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else float("nan")
     return {"reward_gain": float(diff.mean()), "reward_gain_ci95": 1.96 * sem}
-
-
-def write_reward_curve(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    """`reward_curve.png`: mean reward and KL per PPO step (matplotlib Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [e["step"] for e in history if "reward" in e]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), dpi=100, sharex=True)
-    top.plot(steps, [e["reward"] for e in history if "reward" in e], label="mean reward")
-    bottom.plot(steps, [e["kl"] for e in history if "reward" in e], color="tab:red", label="KL")
-    top.set_ylabel("reward")
-    bottom.set_ylabel("KL (nats)")
-    bottom.set_xlabel("PPO step")
-    for axis in (top, bottom):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(out_dir / "reward_curve.png")
-    plt.close(figure)
 
 
 def train(config: Config) -> Manifest:

@@ -13,7 +13,13 @@ import torch
 from hub.bases import BaseInfo
 from hub.store import LocalStore
 from trainers.configs import TrainConfig
-from trainers.export import manifest_metrics, save_and_register, usage_snippet, write_history
+from trainers.export import (
+    manifest_metrics,
+    save_and_register,
+    usage_snippet,
+    write_history,
+    write_reward_curve,
+)
 from trainers.loop import TrainResult
 from trainers.methods import Method, get_method
 
@@ -66,6 +72,12 @@ def test_manifest_metrics_and_history(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final"] == {"loss": 1.2, "accuracy": 0.75} and saved["baseline"] == {"loss": 2.0}
     assert saved["summary"] == metrics and saved["history"] == HISTORY and saved["extra"] == 1
+
+
+def test_reward_curve_is_a_png(tmp_path: Path) -> None:
+    history = [{"step": 1, "reward": 0.1, "kl": 0.0}, {"step": 2, "reward": 0.3, "kl": 0.2}]
+    write_reward_curve(tmp_path, history)
+    assert (tmp_path / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize(
