@@ -276,7 +276,7 @@ def run_training(
     history.append({"step": step, "epoch": round(micro / len(train_loader), 4), "eval": metrics})
     accelerator.wait_for_everyone()
     return TrainResult(
-        model=accelerator.unwrap_model(model),
+        model=accelerator.unwrap_model(model, keep_fp32_wrapper=False),  # no autocast left on the result
         metrics=metrics,
         baseline=baseline,
         history=history,
