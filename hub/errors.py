@@ -90,6 +90,24 @@ class HubError(AdapterDockError, ConnectionError):
     default_remedy = "Check --endpoint (or HF_ENDPOINT) and that the hub is running."
 
 
+class HubTimeoutError(HubError, TimeoutError):
+    """A hub that stopped answering, or answered too slowly to finish a pull within its deadline."""
+
+    default_remedy = "Retry later; if the hub is slow but healthy, raise the pull deadline (--hub-timeout)."
+
+
+class HubBusyError(HubError):
+    """Every concurrent hub pull is in use: the request was not queued behind them."""
+
+    default_remedy = "Retry shortly (see Retry-After), or raise --hub-max-pulls."
+
+
+class HubLimitError(HubError, ValueError):
+    """A hub answer over a pull's limits: too many bytes, too many files, or a redirect off the hub."""
+
+    default_remedy = "Only pull adapters from hubs you trust; report the repo to its owner."
+
+
 class HubAuthError(HubError, PermissionError):
     """A remote hub refused our token, or the token lacks rights to the repo."""
 

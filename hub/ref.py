@@ -16,6 +16,8 @@ MAX_REPO_NAME = 96
 _SEGMENT = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _TAG = re.compile(r"^[a-z][a-z0-9._-]{0,63}$")
 _REPO_SEGMENT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?$")
+RESERVED_NAMES = frozenset({"tags.json", "manifest.json", "readme.md"})
+"""Names of the registry's own files (compared case-insensitively): never an adapter name or namespace."""
 _REPO_REMEDY = (
     "Hub repo ids are NAMESPACE/NAME (e.g. acme/sentiment-lora): letters, digits, '-', '_' and '.', "
     f"at most {MAX_REPO_NAME} characters each, starting and ending with a letter or digit."
@@ -42,8 +44,13 @@ def validate_name(name: str) -> str:
     if len(segments) > 2:
         raise InvalidReferenceError(f"Adapter name {name!r} has more than one '/'.")
     for segment in segments:
-        if segment in ("", ".", "..") or not _SEGMENT.match(segment) or ".." in segment:
+        if segment in ("", ".", "..") or not _SEGMENT.fullmatch(segment) or ".." in segment:
             raise InvalidReferenceError(f"Invalid adapter name {name!r}.")
+        if segment.lower() in RESERVED_NAMES:
+            raise InvalidReferenceError(
+                f"Adapter name {name!r} uses {segment!r}, a file name the registry keeps for itself.",
+                f"Pick a name without a part named {', '.join(sorted(RESERVED_NAMES))}.",
+            )
         if segment.isdigit():
             raise InvalidReferenceError(
                 f"Adapter name {name!r} has an all-digit part, which would read as a version."
@@ -53,7 +60,7 @@ def validate_name(name: str) -> str:
 
 def validate_tag(tag: str) -> str:
     """Return `tag` if it is a valid movable tag (`prod`, `staging`, ...); numbers are versions, not tags."""
-    if not isinstance(tag, str) or not _TAG.match(tag):
+    if not isinstance(tag, str) or not _TAG.fullmatch(tag):  # fullmatch: `$` would allow a final "\n"
         raise InvalidReferenceError(
             f"Invalid tag {tag!r}.",
             "Tags start with a lowercase letter and use lowercase letters, digits, '-', '_' and '.'.",

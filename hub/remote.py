@@ -4,9 +4,11 @@
 huggingface.co; `HF_TOKEN` respected). One hub repo holds one adapter: its PEFT (or bottleneck, or model)
 files, `manifest.json` and the `README.md` card, so `PeftModel.from_pretrained("org/name")` works against that
 endpoint. Each pushed version is tagged `v<version>` (never moved afterwards) plus the registry's own tags.
-Pull downloads one commit into a temp folder, checks every file against the manifest's sha256 and the base
-fingerprint, then registers it through `LocalStore.put_manifest`: on any failure nothing is registered and
-the temp folder is gone.
+Pull reads one commit through `hub.hub_http.HubReader` (timeouts, one deadline, byte and file caps,
+redirects kept on the hub) into a temp folder, checks every file against the manifest's sha256 and the base
+fingerprint, then registers it through `LocalStore.put_manifest` (as the hub's version N with
+`keep_version`, which the server and the vLLM resolver use): on any failure nothing is registered and the
+temp folder is gone.
 Boundary: the remote side of the registry; no torch. Errors are `HubError`, `HubAuthError`,
 `ChecksumMismatchError`, `BaseMismatchError`, `ManifestError`, each with its remedy.
 """
@@ -14,10 +16,10 @@ Boundary: the remote side of the registry; no torch. Errors are `HubError`, `Hub
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
@@ -44,9 +46,12 @@ from hub.errors import (
     ChecksumMismatchError,
     HubAuthError,
     HubError,
+    HubLimitError,
     InvalidReferenceError,
     ManifestError,
+    RegistryError,
 )
+from hub.hub_http import HubReader, PullLimits
 from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest
 from hub.ref import AdapterRef, validate_name, validate_repo_id
 from hub.store import LocalStore, verify_files
@@ -71,7 +76,9 @@ def split_repo_revision(text: str) -> tuple[str, str | None]:
 class HubClient:
     """A Hugging Face Hub compatible endpoint: huggingface.co or an `adapterdock hub serve`."""
 
-    def __init__(self, endpoint: str | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, endpoint: str | None = None, token: str | None = None, limits: PullLimits | None = None
+    ) -> None:
         """Connect to a hub (nothing is sent until the first call).
 
         For any endpoint but huggingface.co this sets `HF_HUB_DISABLE_XET=1` for the whole process, since
@@ -80,9 +87,11 @@ class HubClient:
         Args:
             endpoint: base URL; default `$HF_ENDPOINT`, else https://huggingface.co.
             token: access token; default `$HF_TOKEN` (or the token saved by `hf auth login`).
+            limits: timeouts, deadline and caps of each pull (default `PullLimits()`).
         """
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
         self.token = token or None
+        self.limits = limits or PullLimits()
         if self.endpoint != HF_DEFAULT_ENDPOINT:
             # huggingface_hub read the env var at import; it checks `constants` at call time.
             os.environ["HF_HUB_DISABLE_XET"] = "1"
@@ -197,11 +206,10 @@ class HubClient:
         """The commit a branch or tag points at now (one small request; nothing is downloaded).
 
         Raises:
-            HubError, HubAuthError: the hub, the repo or the revision cannot be reached.
+            HubError, HubAuthError, HubTimeoutError: the hub, the repo or the revision cannot be reached.
         """
         repo_id = validate_repo_id(repo_id)
-        with self._translate(f"looking up {repo_id}@{revision or 'main'}"):
-            return str(self.api.repo_info(repo_id, revision=revision, repo_type="model").sha)
+        return str(self._reader().repo_info(repo_id, revision)["sha"])
 
     def pull(
         self,
@@ -210,8 +218,13 @@ class HubClient:
         store: LocalStore | None = None,
         as_name: str | None = None,
         expected_base: BaseSpec | None = None,
+        *,
+        keep_version: bool = False,
     ) -> Manifest:
-        """Download one adapter version, verify it and register it locally as a new version.
+        """Download one adapter version, verify it and register it locally.
+
+        Every request runs under `self.limits` (timeouts, one deadline, byte and file caps, redirects
+        kept on the hub).
 
         Args:
             repo_id: `namespace/name` on the hub.
@@ -219,42 +232,39 @@ class HubClient:
             store: the registry to add it to (default: `LocalStore()`).
             as_name: register under this name instead of the manifest's.
             expected_base: the base it must have been trained on; None warns that nothing was checked.
+            keep_version: register it as the hub's version (the version its manifest records, which a
+                `vN` revision must match) instead of the registry's next one; a version already here with
+                the same files is returned without downloading anything.
 
         Returns:
-            The manifest as registered (new local version).
+            The manifest as registered.
 
         Raises:
-            ChecksumMismatchError, BaseMismatchError, ManifestError, HubError, HubAuthError.
+            ChecksumMismatchError, BaseMismatchError, ManifestError, HubError, HubAuthError,
+            HubTimeoutError, HubLimitError, RegistryError (`keep_version`: that version is here with
+            other files).
         """
         repo_id = validate_repo_id(repo_id)
         store = store if store is not None else LocalStore()
         if as_name is not None:
             validate_name(as_name)
         where = f"{repo_id}@{revision or 'main'}"
+        reader = self._reader()
+        info = reader.repo_info(repo_id, revision)
+        commit = str(info["sha"])
+        manifest = self._pulled_manifest(reader, repo_id, commit, info, where)
+        if as_name is not None:
+            manifest = replace(manifest, name=as_name)
+        if keep_version:
+            _check_hub_version(manifest, revision, where)
+            present = _registered_copy(store, manifest)
+            if present is not None:
+                logger.info("%s is already registered as %s: nothing downloaded", where, present.ref)
+                return present
         with tempfile.TemporaryDirectory(prefix="adapterdock-pull-") as tmp:
-            cache, files_dir = Path(tmp) / "cache", Path(tmp) / "files"
-            with self._translate(f"pulling {where}"):
-                info = self.api.repo_info(repo_id, revision=revision, repo_type="model")
-                commit = info.sha
-                names = {s.rfilename for s in info.siblings or []}
-                if MANIFEST_FILE not in names:
-                    raise ManifestError(
-                        f"{where} has no {MANIFEST_FILE}: it was not pushed by adapterdock.",
-                        "Download it with huggingface_hub and register it with `adapterdock hub import`.",
-                    )
-                manifest = Manifest.load(self._download(repo_id, MANIFEST_FILE, commit, cache))
-                _check_file_names(manifest, where)
-                missing = sorted(set(manifest.files) - names)
-                if missing:
-                    raise ChecksumMismatchError(
-                        f"{where} lacks {', '.join(missing)}, which its manifest lists.",
-                        path=missing[0],
-                        remedy="Push the adapter again; the remote repo is incomplete.",
-                    )
-                for rel in sorted(manifest.files):
-                    target = files_dir / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(self._download(repo_id, rel, commit, cache), target)
+            files_dir = Path(tmp) / "files"
+            for rel, entry in sorted(manifest.files.items()):
+                reader.download(repo_id, commit, rel, files_dir / rel, entry.size)
             try:
                 verify_files(files_dir, manifest)
             except ChecksumMismatchError as exc:
@@ -264,18 +274,48 @@ class HubClient:
                     remedy="The remote copy is corrupt; nothing was registered. Push again from a good copy.",
                 ) from exc
             _check_pulled_base(manifest, expected_base, source=where)
-            if as_name is not None:
-                manifest = replace(manifest, name=as_name)
-            registered = store.put_manifest(files_dir, manifest)
+            registered = store.put_manifest(files_dir, manifest, keep_version=keep_version)
         logger.info("pulled %s (commit %s) as %s", where, commit, registered.ref)
         return registered
 
-    def _download(self, repo_id: str, filename: str, commit: str, cache: Path) -> Path:
-        return Path(
-            hf_hub_download(
-                repo_id, filename, revision=commit, cache_dir=cache, endpoint=self.endpoint, token=self.token
+    def _pulled_manifest(
+        self, reader: HubReader, repo_id: str, commit: str, info: dict, where: str
+    ) -> Manifest:
+        """The manifest at `commit`, checked before any file is downloaded: names, count, sizes, presence."""
+        siblings = info.get("siblings") or []
+        names = {s.get("rfilename") for s in siblings if isinstance(s, dict)}
+        if MANIFEST_FILE not in names:
+            raise ManifestError(
+                f"{where} has no {MANIFEST_FILE}: it was not pushed by adapterdock.",
+                "Download it with huggingface_hub and register it with `adapterdock hub import`.",
             )
-        )
+        raw = reader.file_bytes(repo_id, commit, MANIFEST_FILE, self.limits.max_json_bytes)
+        try:
+            manifest = Manifest.from_dict(json.loads(raw), source=f"{where}/{MANIFEST_FILE}")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"{where}/{MANIFEST_FILE} is not JSON: {exc}.") from exc
+        _check_file_names(manifest, where)
+        if len(manifest.files) > self.limits.max_files:
+            raise HubLimitError(
+                f"{where} lists {len(manifest.files)} files; a pull takes at most {self.limits.max_files}."
+            )
+        total = sum(max(e.size, 0) for e in manifest.files.values())
+        if total > self.limits.max_bytes or any(e.size < 0 for e in manifest.files.values()):
+            raise HubLimitError(
+                f"{where} is {total} bytes (or lists files of unknown size); a pull takes at most "
+                f"{self.limits.max_bytes} bytes."
+            )
+        missing = sorted(set(manifest.files) - names)
+        if missing:
+            raise ChecksumMismatchError(
+                f"{where} lacks {', '.join(missing)}, which its manifest lists.",
+                path=missing[0],
+                remedy="Push the adapter again; the remote repo is incomplete.",
+            )
+        return manifest
+
+    def _reader(self) -> HubReader:
+        return HubReader(self.endpoint, self.token, self.limits)
 
     # ---- errors --------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -332,6 +372,35 @@ def _check_file_names(manifest: Manifest, source: str) -> None:
                 f"{source}: manifest lists an unsafe file name {rel!r}; nothing was downloaded.",
                 "Only pull adapters from hubs you trust; report the repo to its owner.",
             )
+
+
+def _check_hub_version(manifest: Manifest, revision: str | None, source: str) -> None:
+    """Refuse a `vN` revision whose manifest records another version: the hub's N must stay N here."""
+    if revision is not None and _VERSION_TAG.match(revision) and manifest.version != int(revision[1:]):
+        raise ManifestError(
+            f"{source} holds version {manifest.version} of {manifest.name}, not {revision[1:]}; nothing was "
+            "registered.",
+            "Version tags name the version they hold: report the repo to its owner.",
+        )
+    if manifest.version < 1:
+        raise ManifestError(f"{source} records version {manifest.version}; hub versions start at 1.")
+
+
+def _registered_copy(store: LocalStore, manifest: Manifest) -> Manifest | None:
+    """`manifest.name@manifest.version` when it is registered here with the same files (a pull done once).
+
+    Raises:
+        RegistryError: that version is registered here with other files.
+    """
+    if manifest.version not in store.versions(manifest.name):
+        return None
+    local = store.get(AdapterRef(manifest.name, manifest.version), verify=False).manifest
+    if {k: v for k, v in local.files.items() if k in manifest.files} != manifest.files:
+        raise RegistryError(
+            f"{manifest.ref} is already registered in {store.root} with other files than the hub's.",
+            f"Delete the local {manifest.ref} (`adapterdock hub delete`) to pull the hub's.",
+        )
+    return local
 
 
 def _check_pulled_base(manifest: Manifest, expected: BaseSpec | None, source: str) -> None:

@@ -112,12 +112,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """`mkdir -p path`, durably: each folder created is fsynced into its parent, so it survives a crash.
+
+    A rename into a new folder is only durable once that folder's own entry in its parent is.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    current = path
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write `text` to `path` all or nothing: a hidden temporary file beside it, fsynced, renamed over it.
 
     Readers see the old content or the new, never a torn file; on any error the temporary file is removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -149,7 +171,7 @@ class LocalStore:
         """Hold the per-name lock (across threads and processes) and yield the name's folder."""
         name_dir = self._name_dir(name)
         try:
-            name_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(name_dir)
             handle = open(name_dir / ".lock", "a+")
         except OSError as exc:
             raise RegistryError(f"Cannot write to registry {self.root}: {exc}.") from exc
@@ -163,7 +185,7 @@ class LocalStore:
     def _staging_dir(self) -> Path:
         staging = self.root / STAGING
         try:
-            staging.mkdir(parents=True, exist_ok=True)
+            make_dirs(staging)
         except OSError as exc:
             raise RegistryError(f"Cannot write to registry {self.root}: {exc}.") from exc
         now = time.time()
@@ -219,8 +241,27 @@ class LocalStore:
         )
         return self.put_manifest(src, manifest, tags=tags)
 
-    def put_manifest(self, src_dir: str | Path, manifest: Manifest, tags: Iterable[str] = ()) -> Manifest:
-        """Register `src_dir` under `manifest`'s fields as a NEW version (the version field is reassigned)."""
+    def put_manifest(
+        self,
+        src_dir: str | Path,
+        manifest: Manifest,
+        tags: Iterable[str] = (),
+        *,
+        keep_version: bool = False,
+    ) -> Manifest:
+        """Register `src_dir` under `manifest`'s fields as a NEW version.
+
+        Args:
+            src_dir: the folder holding the files.
+            manifest: the fields to register; its `version` is reassigned unless `keep_version`.
+            tags: movable tags to point at the new version.
+            keep_version: register at exactly `manifest.version` (a hub's version N stays N here). If that
+                version exists with the very same files, it is returned and nothing is written.
+
+        Raises:
+            ManifestError, CorruptAdapterError, RegistryError: see `put`; with `keep_version`, also
+            RegistryError when that version exists here with other files.
+        """
         src = Path(src_dir)
         validate_name(manifest.name)
         if not src.is_dir():
@@ -237,7 +278,14 @@ class LocalStore:
             files = self._copy_into(src, staging)
             manifest = replace(manifest, files=files, created_at=manifest.created_at or utc_now())
             with self._locked(manifest.name) as name_dir:
-                version = self._next_version(name_dir)
+                if keep_version:
+                    existing = self._existing_copy(name_dir, manifest)
+                    if existing is not None:
+                        shutil.rmtree(staging, ignore_errors=True)
+                        return existing
+                    version = manifest.version
+                else:
+                    version = self._next_version(name_dir)
                 manifest = replace(manifest, version=version)
                 if not (staging / "README.md").exists():
                     (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
@@ -249,7 +297,8 @@ class LocalStore:
                 fsync_dir(staging)
                 os.rename(staging, name_dir / str(version))
                 fsync_dir(name_dir)
-                (name_dir / COUNTER_FILE).write_text(str(version + 1))
+                if version >= self._next_version(name_dir) - 1:
+                    write_atomic(name_dir / COUNTER_FILE, str(version + 1))
                 if tags:
                     current = self._read_tags(name_dir)
                     current.update({t: version for t in tags})
@@ -271,10 +320,29 @@ class LocalStore:
             if path.is_dir() or rel.name == MANIFEST_FILE and len(rel.parts) == 1:
                 continue
             target = dst / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)
             shutil.copyfile(path, target)
             files[rel.as_posix()] = _entry(target)
         return files
+
+    def _existing_copy(self, name_dir: Path, manifest: Manifest) -> Manifest | None:
+        """The registered `manifest.version` when it holds exactly `manifest.files`; None when absent.
+
+        Raises:
+            InvalidReferenceError: a version below 1. RegistryError: that version holds other files.
+        """
+        if manifest.version < 1:
+            raise InvalidReferenceError(f"Cannot register {manifest.name!r} at version {manifest.version}.")
+        if manifest.version not in self._versions_in(name_dir):
+            return None
+        existing = Manifest.load(name_dir / str(manifest.version))
+        same = {k: v for k, v in existing.files.items() if k != "README.md" or "README.md" in manifest.files}
+        if same != manifest.files:
+            raise RegistryError(
+                f"{manifest.name}@{manifest.version} is already registered in {self.root} with other files.",
+                f"Delete the local {manifest.ref} (`adapterdock hub delete`) and pull again.",
+            )
+        return existing
 
     def _next_version(self, name_dir: Path) -> int:
         existing = max(self._versions_in(name_dir), default=0)
@@ -443,6 +511,7 @@ def _fsync_file(path: Path) -> None:
     if path.is_dir():
         for child in path.iterdir():
             _fsync_file(child)
+        fsync_dir(path)  # the entries of a sub-folder, not only its files' bytes
         return
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())

@@ -232,7 +232,9 @@ class VllmAdapterResolver:
             if revision == "latest":
                 revision = None
             logger.info("adapterdock: pulling %s from hub %s", ref, client.endpoint)
-            manifest = client.pull(ref.name, revision, self.store, as_name=ref.name, expected_base=base.spec)
+            manifest = client.pull(  # the hub's version N is registered as N: `ns/name@N` means one thing
+                ref.name, revision, self.store, as_name=ref.name, expected_base=base.spec, keep_version=True
+            )
             pulled = AdapterRef(manifest.name, version=manifest.version)
             if ref.tag not in (None, "latest"):
                 self.store.tag(pulled, ref.tag)

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from hub.bases import BaseInfo, resolve_base
+from hub.hub_http import PullLimits
 from hub.remote import HubClient
 from hub.store import LocalStore
 from server import leases
@@ -124,8 +125,15 @@ async def _start(
     state.scheduler = scheduler_factory(state.engine, config)
     await state.scheduler.start()
     state.store = LocalStore(config.registry)
-    hub = HubClient(config.hub, config.hub_token) if config.hub else None
-    state.resolver = Resolver(state.store, base, hub=hub, hub_refresh_s=config.hub_refresh)
+    limits = PullLimits(
+        deadline=config.hub_timeout,
+        read_timeout=min(30.0, config.hub_timeout),
+        connect_timeout=min(10.0, config.hub_timeout),
+    )
+    hub = HubClient(config.hub, config.hub_token, limits) if config.hub else None
+    state.resolver = Resolver(
+        state.store, base, hub=hub, hub_refresh_s=config.hub_refresh, max_pulls=config.hub_max_pulls
+    )
     state.cache = AdapterCache(
         state.engine.unload_adapter,
         max_adapters=config.max_adapters,

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--registry", "registry", type=Path)
     add("--hub", "hub", metavar="URL")
     add("--hub-refresh", "hub_refresh", type=float, metavar="SECONDS")
+    add("--hub-timeout", "hub_timeout", type=float, metavar="SECONDS")
+    add("--hub-max-pulls", "hub_max_pulls", type=int, metavar="N")
     add("--host", "host")
     add("--port", "port", type=int)
     add("--max-adapters", "max_adapters", type=int, metavar="N")

@@ -31,6 +31,10 @@ class ServerConfig:
     """Token for the remote hub (the CLI reads it from $HF_TOKEN); never logged."""
     hub_refresh: float = 60.0
     """Seconds between checks that a tag pulled from --hub has not moved (0: each request, -1: never)."""
+    hub_timeout: float = 300.0
+    """Seconds one pull from --hub may take in all; a hub silent for 30 s (or this, if less) fails sooner."""
+    hub_max_pulls: int = 2
+    """Requests inside pulls from --hub at once (a stalled hub holds no more threads); more get 503."""
     host: str = "127.0.0.1"
     """Interface to listen on."""
     port: int = 8000
@@ -98,11 +102,14 @@ class ServerConfig:
             "default_max_tokens",
             "max_inputs_per_request",
             "max_body_bytes",
+            "hub_max_pulls",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
         if self.max_adapter_memory_mb is not None and self.max_adapter_memory_mb <= 0:
             problems.append(f"max_adapter_memory_mb={self.max_adapter_memory_mb} must be positive")
+        if not self.hub_timeout > 0:
+            problems.append(f"hub_timeout={self.hub_timeout} must be positive")
         if self.adapter_wait_timeout <= 0:
             problems.append(f"adapter_wait_timeout={self.adapter_wait_timeout} must be positive")
         if self.api_key is not None and not self.api_key.strip():

@@ -1,7 +1,8 @@
 """Which hub commit each movable reference was pulled at, so a tag moved on the hub is pulled again.
 
 Boundary: a small JSON file in the registry root (`.hub-pulls.json`, ignored by the registry's
-listing), keyed by hub endpoint, adapter name and hub revision (a tag, or `main` for a plain name).
+listing), keyed by hub endpoint, adapter name and hub revision (a tag, `main` for a plain name, or `vN`
+for a pinned version, recorded so that a plain name is never answered by a version pulled by number).
 It survives restarts, so a replica started on an old local copy still notices a moved tag. It
 knows nothing about HTTP or the hub client; `server.resolver` does the checking and pulling.
 """
@@ -49,6 +50,11 @@ class HubPullRecord:
             return PulledAt(commit=str(entry["commit"]), version=int(entry["version"]))
         except (KeyError, TypeError, ValueError):
             return None
+
+    def pulled(self, name: str) -> bool:
+        """Whether any revision of `name` was pulled from this hub (a `vN` too)."""
+        with self._lock:
+            return bool(self._loaded().get(self.endpoint, {}).get(name))
 
     def put(self, name: str, revision: str, pulled: PulledAt) -> None:
         with self._lock:

@@ -4,9 +4,13 @@ Boundary: names and manifests only; nothing is loaded into the model here. The r
 paths (every reference must pass `hub.ref` naming rules), resolves movable refs (`name`, `name@prod`) to a
 concrete version on every call so a moved tag is never served stale, checks the base fingerprint, the
 adapter kind and the task against the endpoint, and pulls from a remote hub on a local miss only when the
-server was started with --hub. A movable reference pulled from the hub (`ns/name@prod`, `ns/name`) is
-re-checked there every `hub_refresh_s` seconds and pulled again when it has moved. Calls touch the disk
-(and maybe the network): run them off the event loop.
+server was started with --hub. `ns/name@N` is the hub's version N, and is registered here as N (pulled
+once: asking again is a local hit). A movable reference pulled from the hub (`ns/name@prod`, `ns/name`) is
+re-checked there every `hub_refresh_s` seconds and pulled again when it has moved. At most `max_pulls`
+requests are inside a pull at once (pulling, or waiting for the same adapter's pull), so a stalled hub holds
+at most that many worker threads: the next request gets `HubBusyError` (503) at once, and a wait longer than
+the pull deadline `HubTimeoutError` (504). Calls touch the disk (and maybe the network): run them off the
+event loop.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from typing import TYPE_CHECKING
 
 from hub.adapter_format import check_base
 from hub.bases import BaseInfo
-from hub.errors import AdapterDockError, AdapterNotFoundError, InvalidReferenceError
+from hub.errors import (
+    AdapterDockError,
+    AdapterNotFoundError,
+    HubBusyError,
+    HubTimeoutError,
+    InvalidReferenceError,
+)
 from hub.manifest import Manifest
 from hub.ref import AdapterRef
 from hub.store import LocalStore, verify_files
@@ -77,6 +87,8 @@ class Resolver:
         hub: the client of the remote hub pulled from on a local miss; None never contacts a hub.
         hub_refresh_s: seconds between checks that a pulled tag has not moved on the hub (0: every
             call; negative: never).
+        max_pulls: requests allowed inside a hub pull at once (pulling or waiting for one); more get
+            `HubBusyError` without waiting.
     """
 
     def __init__(
@@ -86,6 +98,7 @@ class Resolver:
         *,
         hub: HubClient | None = None,
         hub_refresh_s: float = 60.0,
+        max_pulls: int = 2,
     ) -> None:
         self.store = store
         self.base = base
@@ -95,6 +108,8 @@ class Resolver:
         self._pulls = HubPullRecord(store.root, hub.endpoint) if hub is not None else None
         self._pull_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.max_pulls = max(1, max_pulls)
+        self._pull_slots = threading.BoundedSemaphore(self.max_pulls)
 
     # ---- public --------------------------------------------------------------------------------
     def resolve(
@@ -131,8 +146,9 @@ class Resolver:
                 ) from exc
             concrete = self._pull(ref)
         else:
-            if source != "local" and self._pulled_movable(ref):
-                concrete = self._refresh(ref, concrete)
+            if source != "local" and self._from_hub(ref):
+                recorded = self._recorded(ref)
+                concrete = self._pull(ref) if recorded is None else self._refresh(ref, recorded)
         stored = self.store.get(concrete, verify=False)
         resolved = ResolvedAdapter(key=str(concrete), path=stored.path, manifest=stored.manifest)
         self.check(resolved.manifest, endpoint)
@@ -183,16 +199,38 @@ class Resolver:
         """Pull `ref` (a `namespace/name`) from the hub into the local registry, once.
 
         The copy is registered under the requested name, and a requested tag is set on it locally, so the
-        next request is a local hit. Hub versions are addressed by the hub's `vN` tags; the local copy gets
-        the registry's next version number. A movable ref is pulled at the commit its tag names, which is
-        recorded for `_refresh`.
+        next request is a local hit. Hub versions are addressed by the hub's `vN` tags and keep their number
+        here. A movable ref is pulled at the commit its tag names, which is recorded for `_refresh`.
+
+        Raises:
+            HubBusyError: `max_pulls` requests are already inside pulls. HubTimeoutError: the same adapter's
+            pull by another request outlasted the pull deadline. HubError and the pull's own errors.
         """
-        with self._lock_for(ref.name):
-            try:  # another request may have pulled it while this one waited for the lock
-                return self.store.resolve(ref)
-            except AdapterNotFoundError:
-                pass
-            return self._pull_now(ref)
+        if not self._pull_slots.acquire(blocking=False):
+            raise HubBusyError(
+                f"{ref} is not here yet and {self.max_pulls} hub pull(s) are already in progress; "
+                "this request was not queued behind them."
+            )
+        try:
+            lock = self._lock_for(ref.name)
+            if not lock.acquire(timeout=self._pull_wait_s()):
+                raise HubTimeoutError(f"Another request's pull of {ref.name} from the hub is still running.")
+            try:
+                done = self._pulled_meanwhile(ref)
+                return done if done is not None else self._pull_now(ref)
+            finally:
+                lock.release()
+        finally:
+            self._pull_slots.release()
+
+    def _pulled_meanwhile(self, ref: AdapterRef) -> AdapterRef | None:
+        """What another request pulled while this one waited for the lock (None: pull it now)."""
+        if ref.version is None and self._pulls is not None and self._pulls.pulled(ref.name):
+            return self._recorded(ref)
+        try:
+            return self.store.resolve(ref)
+        except AdapterNotFoundError:
+            return None
 
     def _pull_now(self, ref: AdapterRef, commit: str | None = None) -> AdapterRef:
         """Pull `ref` now; a movable one at `commit` (looked up when not given) and recorded."""
@@ -202,9 +240,14 @@ class Resolver:
             commit = revision
         elif commit is None:
             commit = client.revision_commit(ref.name, revision)
-        manifest = client.pull(ref.name, commit, self.store, as_name=ref.name, expected_base=self.base.spec)
+        manifest = client.pull(
+            ref.name, commit, self.store, as_name=ref.name, expected_base=self.base.spec, keep_version=True
+        )
         pulled = AdapterRef(manifest.name, version=manifest.version)
-        if ref.version is None:
+        assert self._pulls is not None
+        if ref.version is not None:
+            self._pulls.put(ref.name, str(revision), PulledAt(str(revision), manifest.version))
+        else:
             if ref.tag not in (None, "latest"):
                 self.store.tag(pulled, ref.tag)
             assert self._pulls is not None
@@ -212,11 +255,22 @@ class Resolver:
         logger.info("pulled %s from hub %s as %s", ref, self.hub_endpoint, pulled)
         return pulled
 
-    def _pulled_movable(self, ref: AdapterRef) -> bool:
-        """A tag or plain name of this hub's, pulled here before (local adapters never reach the hub)."""
+    def _from_hub(self, ref: AdapterRef) -> bool:
+        """A tag or plain name of an adapter pulled from this hub before (local adapters never reach it)."""
         if self._pulls is None or ref.version is not None or "/" not in ref.name:
             return False
-        return self._pulls.get(ref.name, hub_revision(ref) or "main") is not None
+        return self._pulls.pulled(ref.name)
+
+    def _recorded(self, ref: AdapterRef) -> AdapterRef | None:
+        """The local version the hub's `ref` was last pulled or confirmed as; None if never (or deleted).
+
+        A plain name is the hub's main, not the highest version pulled here (`ns/name@3` may be ahead of it).
+        """
+        assert self._pulls is not None
+        recorded = self._pulls.get(ref.name, hub_revision(ref) or "main")
+        if recorded is None or recorded.version not in self.store.versions(ref.name):
+            return None
+        return AdapterRef(ref.name, version=recorded.version)
 
     def _refresh(self, ref: AdapterRef, concrete: AdapterRef) -> AdapterRef:
         """Ask the hub where `ref` points now (at most every `hub_refresh_s`); pull again if it moved.
@@ -228,9 +282,21 @@ class Resolver:
         key = hub_revision(ref) or "main"
         if not self._pulls.due(ref.name, key, self.hub_refresh_s):
             return concrete
-        with self._lock_for(ref.name):
-            if not self._pulls.due(ref.name, key, self.hub_refresh_s):  # refreshed while this one waited
-                return self.store.resolve(ref)
+        if not self._pull_slots.acquire(blocking=False):  # pulls are busy: the local copy serves now
+            return concrete
+        try:
+            return self._refresh_now(ref, concrete, key)
+        finally:
+            self._pull_slots.release()
+
+    def _refresh_now(self, ref: AdapterRef, concrete: AdapterRef, key: str) -> AdapterRef:
+        assert self._pulls is not None
+        lock = self._lock_for(ref.name)
+        if not lock.acquire(blocking=False):  # another request is refreshing it: serve the local copy
+            return concrete
+        try:
+            if not self._pulls.due(ref.name, key, self.hub_refresh_s):  # refreshed meanwhile
+                return self._recorded(ref) or concrete
             recorded = self._pulls.get(ref.name, key)
             try:
                 commit = self._client().revision_commit(ref.name, hub_revision(ref))
@@ -249,6 +315,13 @@ class Resolver:
                 "%s moved on hub %s: now serving %s (was %s)", ref, self.hub_endpoint, pulled, concrete
             )
             return pulled
+        finally:
+            lock.release()
+
+    def _pull_wait_s(self) -> float:
+        """How long a request waits for another request's pull of the same adapter: the pull deadline."""
+        limits = getattr(self.hub, "limits", None)
+        return float(getattr(limits, "deadline", 600.0))
 
     def _client(self) -> HubClient:
         assert self.hub is not None, "only called when a hub is configured"

@@ -138,7 +138,7 @@ class FakeHubClient:
             raise AdapterNotFoundError(f"{repo_id} is not on the hub.")
         return FakeHubClient.commits.get((repo_id, revision), f"c-{revision}")
 
-    def pull(self, repo_id, revision, store, as_name=None, expected_base=None):
+    def pull(self, repo_id, revision, store, as_name=None, expected_base=None, keep_version=False):
         FakeHubClient.pulls.append((repo_id, revision, as_name, expected_base))
         return register(store, as_name or repo_id)
 
