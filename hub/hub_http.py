@@ -55,7 +55,9 @@ class HubReader:
     """GETs against one hub endpoint under `PullLimits`; one instance per pull (it holds the deadline)."""
 
     def __init__(self, endpoint: str, token: str | None, limits: PullLimits) -> None:
-        self.endpoint = httpx.URL(endpoint.rstrip("/") + "/")
+        self.name = endpoint.rstrip("/")
+        """The endpoint as errors name it."""
+        self.endpoint = httpx.URL(self.name + "/")
         self.token = token
         self.limits = limits
         self.started = time.monotonic()
@@ -74,10 +76,10 @@ class HubReader:
             info = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise HubError(
-                f"{self.endpoint} answered {repo_id}'s info with something not JSON: {exc}."
+                f"{self.name} answered {repo_id}'s info with something not JSON: {exc}."
             ) from exc
         if not isinstance(info, dict) or not isinstance(info.get("sha"), str):
-            raise HubError(f"{self.endpoint} answered {repo_id}'s info without a commit sha.")
+            raise HubError(f"{self.name} answered {repo_id}'s info without a commit sha.")
         return info
 
     def file_bytes(self, repo_id: str, commit: str, rel: str, limit: int) -> bytes:
@@ -99,7 +101,7 @@ class HubReader:
         left = self.limits.deadline - (time.monotonic() - self.started)
         if left <= 0:
             raise HubTimeoutError(
-                f"The pull from {self.endpoint} did not finish within {self.limits.deadline:g} s."
+                f"The pull from {self.name} did not finish within {self.limits.deadline:g} s."
             )
         return left
 
@@ -127,23 +129,23 @@ class HubReader:
                             continue
                         if response.status_code >= 400:
                             response.read()
-                            raise _status_error(what, str(self.endpoint), response)
+                            raise _status_error(what, self.name, response)
                         return self._read(response, sink, limit, what)
             except httpx.TimeoutException as exc:
                 raise HubTimeoutError(
-                    f"{self.endpoint} stopped answering while sending {what} "
+                    f"{self.name} stopped answering while sending {what} "
                     f"({type(exc).__name__}; read timeout {self.limits.read_timeout:g} s)."
                 ) from exc
             except httpx.HTTPError as exc:
-                raise HubError(f"Cannot reach {self.endpoint} for {what}: {exc}.") from exc
-        raise HubLimitError(f"{self.endpoint} redirected {what} more than {self.limits.max_redirects} times.")
+                raise HubError(f"Cannot reach {self.name} for {what}: {exc}.") from exc
+        raise HubLimitError(f"{self.name} redirected {what} more than {self.limits.max_redirects} times.")
 
     def _redirect_target(self, url: httpx.URL, response: httpx.Response) -> httpx.URL:
         location = response.headers.get("location", "")
         target = url.join(location)
         if not self._allowed(target):
             raise HubLimitError(
-                f"{self.endpoint} redirected a download to {target.scheme}://{target.host}, which is not "
+                f"{self.name} redirected a download to {target.scheme}://{target.host}, which is not "
                 "the hub; the redirect was not followed.",
                 "Pull from the hub that holds the files, or put them on it.",
             )
@@ -161,7 +163,7 @@ class HubReader:
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise HubLimitError(
-                f"{self.endpoint} sends {declared} bytes for {what}; at most {limit} expected."
+                f"{self.name} sends {declared} bytes for {what}; at most {limit} expected."
             )
         chunks: list[bytes] = []
         got = 0
@@ -169,10 +171,10 @@ class HubReader:
             got += len(chunk)
             self.received += len(chunk)
             if got > limit:
-                raise HubLimitError(f"{self.endpoint} sends more than {limit} bytes for {what}.")
+                raise HubLimitError(f"{self.name} sends more than {limit} bytes for {what}.")
             if self.received > self.limits.max_bytes:
                 raise HubLimitError(
-                    f"The pull from {self.endpoint} is over its cap of {self.limits.max_bytes} bytes.",
+                    f"The pull from {self.name} is over its cap of {self.limits.max_bytes} bytes.",
                     "Raise the pull's byte cap if this adapter is really that large.",
                 )
             self._remaining()  # a hub that drips bytes still meets the deadline

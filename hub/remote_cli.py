@@ -1,4 +1,4 @@
-"""`adapterdock hub push|pull|serve`: the remote-hub commands, added to the `adapterdock hub` parser.
+"""`adapterdock hub push|pull|serve|gc`: the remote-hub commands, added to the `adapterdock hub` parser.
 
 `hub.cli` calls `add_remote_commands(subparsers, formatter)`; each command stores a
 `handler(args, store) -> int`. This module does not import `hub.cli` (no import cycle): the help
@@ -21,7 +21,7 @@ TOKEN_HELP = "access token (default: $HF_TOKEN)"
 
 
 def add_remote_commands(subparsers: Any, help_formatter: Callable[[str], argparse.HelpFormatter]) -> None:
-    """Add `push`, `pull` and `serve` to the `adapterdock hub` subparsers.
+    """Add `push`, `pull`, `serve` and `gc` to the `adapterdock hub` subparsers.
 
     Args:
         subparsers: what `ArgumentParser.add_subparsers` returned for `adapterdock hub`.
@@ -72,6 +72,25 @@ def add_remote_commands(subparsers: Any, help_formatter: Callable[[str], argpars
     serve.add_argument("--token-file", type=Path, default=None, help="tokens and rights; none = open hub")
     serve.set_defaults(handler=run_serve)
 
+    gc = subparsers.add_parser(
+        "gc",
+        formatter_class=help_formatter,
+        help="remove blobs of a self-hosted hub that no commit references",
+        description=(
+            "Delete the blob files no commit of any repo references and no repo has claimed (uploads "
+            "whose commit never came, blobs of deleted repos). Safe while the hub runs."
+        ),
+        epilog="example:\n  adapterdock hub gc --root ./hub-data --grace 3600",
+    )
+    gc.add_argument("--root", required=True, type=Path, help="the hub service's --root")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="keep blobs stored less than this many seconds ago (uploads in progress; default 3600)",
+    )
+    gc.set_defaults(handler=run_gc)
+
 
 def run_push(args: argparse.Namespace, store: LocalStore) -> int:
     from hub.remote import HubClient
@@ -107,4 +126,14 @@ def run_serve(args: argparse.Namespace, store: LocalStore) -> int:
     from hub.service.app import serve
 
     serve(args.root, host=args.host, port=args.port, token_file=args.token_file)
+    return 0
+
+
+def run_gc(args: argparse.Namespace, store: LocalStore) -> int:
+    from hub.service.storage import Storage
+
+    if not (args.root / "index.sqlite").is_file():
+        raise SystemExit(f"error: {args.root} is not a hub service root (no index.sqlite)")
+    removed = Storage(args.root, clean_tmp=False).collect(min_age_s=max(args.grace, 0.0))
+    print(f"removed {len(removed)} unreferenced blob(s) from {args.root}")
     return 0

@@ -6,13 +6,17 @@ Token file (`--token-file`), one token per line, `#` starts a comment:
     hf_team_a_7Qx...        write    acme/*,shared/*            alice
     sha256:9f86d081884c...  read     *                          ci
 
-ACCESS is `read` or `write` (write implies read). A token may be given as `sha256:<hex>` (the sha256 of the
+ACCESS is `read` or `write` (write implies read). A repo belongs to its namespace: a write glob names its
+namespace literally (`acme/*`, `acme/chat-*`), or is `*` (every namespace, for an operator), so no glob
+such as `ac*/*` or `*/chat` can reach into another namespace's repos; a write line with a wildcard in its
+namespace is refused when the file is read. A token may be given as `sha256:<hex>` (the sha256 of the
 token) so the file need not hold secrets. The same data may be a JSON list of objects
 `{"token" | "token_sha256", "access", "repos": [...], "user"}`. Only sha256 hashes are kept (in memory and in
 the SQLite index); a presented token is hashed and compared against every entry with `hmac.compare_digest`.
 
 Rules: an unknown token gets 401 on every request; writing needs a token (401 without, 403 without rights);
-a private repo needs a token to be read (401 without, 403 without rights). Without a token file the service
+a private repo is read only with a token that covers it, and to anyone else it is answered exactly as a
+missing repo (404 `RepoNotFound`, the same message). Without a token file the service
 runs open: anyone reads and writes everything (for a laptop; `serve` warns unless bound to loopback).
 Boundary: decisions only; the routes ask, storage knows nothing of users.
 """
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hub.errors import AdapterDockError
-from hub.service.errors import ForbiddenError, UnauthorizedError
+from hub.service.errors import ForbiddenError, RepoNotFoundError, UnauthorizedError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,17 @@ class Grant:
         return self.covers(repo_id)
 
     def can_write(self, repo_id: str) -> bool:
-        return self.access == "write" and self.covers(repo_id)
+        """Write rights: a glob of the repo's own namespace (named literally) covers it, or `*`."""
+        if self.access != "write":
+            return False
+        namespace, _, name = repo_id.partition("/")
+        for pattern in self.repos:
+            if pattern == "*":
+                return True
+            owner, sep, names = pattern.partition("/")
+            if sep and owner == namespace and fnmatch.fnmatchcase(name, names):
+                return True
+        return False
 
 
 ANONYMOUS_WRITER = Grant(user="anonymous", access="write", repos=("*",))
@@ -108,10 +122,25 @@ def parse_token_file(path: Path) -> dict[str, Grant]:
         if not repos or not all(isinstance(r, str) and r for r in repos):
             problems.append(f"{where}: repos must be non-empty globs")
             continue
+        shared = [r for r in repos if access == "write" and not _owns_namespace(r)]
+        if shared:
+            problems.append(
+                f"{where}: write globs must name one namespace literally (NAMESPACE/GLOB) or be '*'; "
+                f"{', '.join(shared)} could reach into other namespaces"
+            )
+            continue
         grants[digest] = Grant(user=user or f"token-{digest[:8]}", access=access, repos=tuple(repos))
     if problems:
         raise TokenFileError(f"Token file {path}: " + "; ".join(problems) + ".")
     return grants
+
+
+def _owns_namespace(pattern: str) -> bool:
+    """`*`, or `NAMESPACE/GLOB` with no wildcard in NAMESPACE."""
+    if pattern == "*":
+        return True
+    owner, sep, _ = pattern.partition("/")
+    return bool(sep and owner) and not any(c in owner for c in "*?[]")
 
 
 def _digest_of(secret: str) -> str | None:
@@ -152,13 +181,14 @@ class Authenticator:
         return found
 
     def check_read(self, grant: Grant | None, repo_id: str, private: bool) -> None:
-        """Raise unless `grant` may read `repo_id` (public repos are readable without a token)."""
-        if not private:
+        """Raise unless `grant` may read `repo_id` (public repos are readable without a token).
+
+        A private repo the caller may not read answers exactly as a missing one (`RepoNotFoundError`), so
+        its existence does not leak.
+        """
+        if not private or (grant is not None and grant.can_read(repo_id)):
             return
-        if grant is None:
-            raise UnauthorizedError(f"Repository {repo_id} is private: a token is required to read it.")
-        if not grant.can_read(repo_id):
-            raise ForbiddenError(f"Token of {grant.user!r} has no read access to {repo_id}.")
+        raise RepoNotFoundError(f"Repository {repo_id} not found.")
 
     def check_write(self, grant: Grant | None, repo_id: str) -> None:
         """Raise unless `grant` may write `repo_id`."""

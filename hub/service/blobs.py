@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hub.service.errors import CorruptBlobError, UnprocessableError
-from hub.store import fsync_dir, sha256_file
+from hub.store import fsync_dir, make_dirs, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,16 @@ class BlobUpload:
 class BlobStore:
     """The blob files of one service root. Thread-safe."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clean_tmp: bool = True) -> None:
+        """Open (creating) the blob folders under `root`; `clean_tmp` wipes uploads cut short by a crash
+        (only the service itself at start-up: another process, such as `hub gc`, must leave them)."""
         self.root = Path(root)
         self.blobs_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
         for folder in (self.root, self.blobs_dir, self.tmp_dir, self.quarantine_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():  # uploads cut short by a crash
+            make_dirs(folder)
+        for leftover in self.tmp_dir.iterdir() if clean_tmp else ():  # uploads cut short by a crash
             with contextlib.suppress(OSError):
                 leftover.unlink()
         self.secret = self._load_secret()
@@ -105,7 +107,7 @@ class BlobStore:
                     "The upload was truncated or altered in transit; upload the file again.",
                 )
             target = self.path(sha256)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(target.parent)  # blobs/aa/ and blobs/aa/bb/, each fsynced into its parent
             os.replace(upload.tmp_path, target)
             fsync_dir(target.parent)
         except BaseException:
@@ -154,6 +156,15 @@ class BlobStore:
         with self._verified_lock:
             self._verified[sha256] = key
         return path
+
+    def remove(self, sha256: str) -> None:
+        """Delete a blob's file (garbage collection; the index entry is the caller's)."""
+        path = self.path(sha256)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            fsync_dir(path.parent)
+        with self._verified_lock:
+            self._verified.pop(sha256, None)
 
     def quarantine(self, sha256: str) -> None:
         """Move a corrupted blob aside (for inspection) so a new upload can replace it."""

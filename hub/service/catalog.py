@@ -2,6 +2,9 @@
 
 Boundary: reads blobs through `Storage` and parses them; used by repo info (tags, cardData) and by browsing.
 Never raises for a malformed card or manifest: a repo that is not an adapter is simply not listed as one.
+Card metadata is untrusted: the front matter is at most `MAX_FRONT_MATTER_BYTES`, YAML aliases are refused
+(an alias bomb expands exponentially when the metadata is serialized), and nesting and node counts are
+bounded; metadata over a limit is dropped (logged), the card body is kept.
 """
 
 from __future__ import annotations
@@ -24,6 +27,48 @@ logger = logging.getLogger(__name__)
 CARD_FILE = "README.md"
 MAX_CARD_BYTES = 256 * 1024
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_FRONT_MATTER_BYTES = 64 * 1024
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without aliases, with at most MAX_YAML_NODES nodes nested MAX_YAML_DEPTH deep."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise ValueError("the card's YAML front matter uses an alias (*name); aliases are not accepted")
+        self._nodes += 1
+        self._depth += 1
+        try:
+            if self._nodes > MAX_YAML_NODES or self._depth > MAX_YAML_DEPTH:
+                raise ValueError(
+                    f"the card's YAML front matter has over {MAX_YAML_NODES} nodes or is nested over "
+                    f"{MAX_YAML_DEPTH} deep"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_metadata(text: str) -> Any:
+    """Parse card front matter under the limits above.
+
+    Raises:
+        ValueError: over a limit, or an alias. yaml.YAMLError: not YAML.
+    """
+    if len(text.encode("utf-8", errors="replace")) > MAX_FRONT_MATTER_BYTES:
+        raise ValueError(f"the card's YAML front matter is over {MAX_FRONT_MATTER_BYTES} bytes")
+    loader = _BoundedLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
@@ -37,7 +82,7 @@ def split_front_matter(text: str) -> tuple[dict[str, Any], str]:
     lines = text.splitlines(keepends=True)
     for end in range(1, len(lines)):
         if lines[end].strip() == "---":
-            meta = yaml.safe_load("".join(lines[1:end])) or {}
+            meta = load_metadata("".join(lines[1:end])) or {}
             if not isinstance(meta, dict):
                 raise ValueError("the card's YAML front matter is not a mapping")
             return meta, "".join(lines[end + 1 :])
@@ -74,7 +119,8 @@ def read_card(storage: Storage, files: dict[str, FileRecord]) -> RepoCard:
             text = raw.decode("utf-8", errors="replace")
             try:
                 meta, body = split_front_matter(text)
-            except (ValueError, yaml.YAMLError):
+            except (ValueError, yaml.YAMLError, RecursionError) as exc:
+                logger.warning("ignoring the card metadata of a repo: %s", str(exc)[:200])
                 body = text
     manifest = None
     if MANIFEST_FILE in files:
@@ -82,7 +128,8 @@ def read_card(storage: Storage, files: dict[str, FileRecord]) -> RepoCard:
         if raw is not None:
             try:
                 manifest = Manifest.from_dict(json.loads(raw), source=MANIFEST_FILE)
-            except (ManifestError, ValueError) as exc:
+                json.dumps(manifest.to_dict(), allow_nan=False)  # what the listings will send
+            except (ManifestError, ValueError, TypeError, AttributeError, RecursionError) as exc:
                 logger.warning("ignoring an invalid manifest.json: %s", exc)
     return RepoCard(meta=meta, body=body, manifest=manifest)
 

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from hub.service.auth import Authenticator, Grant
-from hub.service.errors import BadRequestError, PayloadTooLargeError
+from hub.service.errors import BadRequestError, ForbiddenError, PayloadTooLargeError, UnauthorizedError
 from hub.service.names import validate_repo_id
 from hub.service.storage import Storage
 
@@ -33,6 +33,8 @@ class ServiceLimits:
     """Files at least this big, binary files and weight files are uploaded through LFS."""
     upload_url_ttl: int = 3600
     """Seconds a signed LFS upload URL stays valid."""
+    max_commit_operations: int = 1000
+    """Operations (files added or deleted) in one commit, and objects in one LFS batch or preupload."""
 
 
 @dataclass
@@ -106,6 +108,24 @@ async def json_body(request: Request) -> dict[str, Any]:
     return await read_json(request, get_state(request).limits.max_json_body)
 
 
+async def writer_json_body(request: Request, caller: Caller) -> dict[str, Any]:
+    """The JSON body of a write, read only once the caller's token may write: the repo of the path
+    (`/{namespace}/{name}`) or, for routes that name the repo in the body, some repo at all.
+
+    Raises:
+        UnauthorizedError, ForbiddenError (before a byte of the body is read), then as `read_json`.
+    """
+    state = get_state(request)
+    namespace, name = request.path_params.get("namespace"), request.path_params.get("name")
+    if namespace is not None and name is not None:
+        state.auth.check_write(caller, repo_id_of(namespace, name))
+    elif caller is None and not state.auth.open:
+        raise UnauthorizedError("Writing needs a token.")
+    elif caller is not None and caller.access != "write":
+        raise ForbiddenError(f"Token of {caller.user!r} is read-only.")
+    return await read_json(request, state.limits.max_json_body)
+
+
 async def small_body(request: Request) -> bytes:
     """The raw request body, bounded by `max_json_body`."""
     return await read_body(request, get_state(request).limits.max_json_body)
@@ -113,6 +133,7 @@ async def small_body(request: Request) -> bytes:
 
 # Bodies come in through async dependencies so that handlers can stay plain `def` (run off the event loop).
 JsonBody = Annotated[dict[str, Any], Depends(json_body)]
+WriterJsonBody = Annotated[dict[str, Any], Depends(writer_json_body)]
 SmallBody = Annotated[bytes, Depends(small_body)]
 
 

@@ -20,8 +20,10 @@ import contextlib
 import hashlib
 import logging
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 from hub.service.blobs import BlobStore, BlobUpload
@@ -79,9 +81,10 @@ CREATE TABLE IF NOT EXISTS tokens(
 class Storage:
     """Blobs plus the SQLite index of one hub service root. Thread-safe; one instance per process."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, clean_tmp: bool = True) -> None:
+        """Open (creating) the storage in `root`; `clean_tmp=False` for a second process (`hub gc`)."""
         self.root = Path(root)
-        self.blobs = BlobStore(self.root)
+        self.blobs = BlobStore(self.root, clean_tmp=clean_tmp)
         self.secret = self.blobs.secret
         self.db_path = self.root / "index.sqlite"
         with self._connect() as db:
@@ -120,8 +123,8 @@ class Storage:
         Raises:
             UnprocessableError: the bytes do not hash to `expected_sha256` (nothing is kept).
         """
-        sha256, size = self.blobs.finish(upload, expected_sha256)
-        with self._transaction() as db:
+        with self._transaction() as db:  # the rename too: `collect` cannot unlink a blob being re-added
+            sha256, size = self.blobs.finish(upload, expected_sha256)
             db.execute(
                 "INSERT OR REPLACE INTO blobs(sha256, size, created_at) VALUES (?, ?, ?)",
                 (sha256, size, utc_now()),
@@ -216,18 +219,63 @@ class Storage:
             ).rowcount:
                 raise RepoNotFoundError(f"Repository {repo_id} not found.")
 
-    def delete_repo(self, repo_id: str) -> None:
-        """Remove a repo and its history from the index (blobs stay; other repos may share them)."""
+    def delete_repo(self, repo_id: str) -> list[str]:
+        """Remove a repo and its history from the index, then the blobs no other repo uses.
+
+        Returns:
+            The sha256 of each blob removed.
+        """
         with self._transaction() as db:
             if not db.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,)).rowcount:
                 raise RepoNotFoundError(f"Repository {repo_id} not found.")
+            used = {
+                r[0]
+                for r in db.execute(
+                    "SELECT sha256 FROM files WHERE commit_oid IN (SELECT oid FROM commits WHERE repo_id = ?)"
+                    " UNION SELECT sha256 FROM repo_blobs WHERE repo_id = ?",
+                    (repo_id, repo_id),
+                )
+            }
             db.execute(
                 "DELETE FROM files WHERE commit_oid IN (SELECT oid FROM commits WHERE repo_id = ?)",
                 (repo_id,),
             )
             for table in ("commits", "refs", "repo_blobs"):
                 db.execute(f"DELETE FROM {table} WHERE repo_id = ?", (repo_id,))
-        logger.info("deleted repo %s", repo_id)
+        removed = self.collect(min_age_s=0, only=used)
+        logger.info("deleted repo %s (%d blob(s) no other repo used removed)", repo_id, len(removed))
+        return removed
+
+    def collect(self, min_age_s: float = 3600, only: set[str] | None = None) -> list[str]:
+        """Remove blobs that no commit references and no repo has claimed (garbage collection).
+
+        Args:
+            min_age_s: keep blobs stored less than this many seconds ago (LFS uploads whose commit may
+                still be on its way).
+            only: consider only these blobs (a deleted repo's); None considers every blob.
+
+        Returns:
+            The sha256 of each blob removed.
+        """
+        cutoff = datetime.fromtimestamp(time.time() - min_age_s, timezone.utc)
+        cutoff_text = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        removed: list[str] = []
+        with self._transaction() as db:  # unlinked inside: no upload can re-add a blob meanwhile
+            rows = db.execute(
+                "SELECT sha256 FROM blobs WHERE created_at <= ?"
+                " AND sha256 NOT IN (SELECT sha256 FROM files)"
+                " AND sha256 NOT IN (SELECT sha256 FROM repo_blobs)",
+                (cutoff_text,),
+            ).fetchall()
+            for (sha256,) in rows:
+                if only is not None and sha256 not in only:
+                    continue
+                db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+                self.blobs.remove(sha256)
+                removed.append(sha256)
+        if removed:
+            logger.info("collected %d unreferenced blob(s)", len(removed))
+        return removed
 
     # ---- revisions -----------------------------------------------------------------------------
     def resolve(self, repo_id: str, revision: str) -> CommitRecord:
@@ -240,7 +288,7 @@ class Storage:
         name = revision.removeprefix("refs/heads/").removeprefix("refs/tags/")
         with self._connect() as db:
             row = db.execute(
-                "SELECT commit_oid FROM refs WHERE repo_id = ? AND name = ? ORDER BY kind = 'tag'",
+                "SELECT commit_oid FROM refs WHERE repo_id = ? AND name = ? ORDER BY kind = 'branch'",
                 (repo_id, name),
             ).fetchone()
             oid = row[0] if row else None
@@ -301,17 +349,21 @@ class Storage:
     def create_ref(self, repo_id: str, kind: str, name: str, commit_oid: str) -> None:
         """Create branch or tag `name` at `commit_oid`.
 
+        Branches and tags share one namespace: a branch can never shadow a tag (or a tag a branch), so a
+        tag such as `v3` keeps naming the commit it was made at.
+
         Raises:
-            ConflictError: a ref of that kind and name exists (tags never move once made).
+            ConflictError: a branch or a tag of that name exists (tags never move once made).
         """
         with self._transaction() as db:
             exists = db.execute(
-                "SELECT 1 FROM refs WHERE repo_id = ? AND kind = ? AND name = ?", (repo_id, kind, name)
+                "SELECT kind FROM refs WHERE repo_id = ? AND name = ?", (repo_id, name)
             ).fetchone()
             if exists:
                 raise ConflictError(
-                    f"{kind.capitalize()} {name!r} already exists in {repo_id}.",
-                    f"Delete the {kind} first, or pick another name.",
+                    f"{exists[0].capitalize()} {name!r} already exists in {repo_id}; branches and tags "
+                    "share one namespace.",
+                    "Pick another name.",
                 )
             db.execute(
                 "INSERT INTO refs(repo_id, kind, name, commit_oid) VALUES (?, ?, ?, ?)",

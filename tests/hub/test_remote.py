@@ -150,7 +150,7 @@ def test_tokens_are_checked(hub_service: HubProcess, source: LocalStore, tmp_pat
     with pytest.raises(HubAuthError, match="403"):
         HubClient(hub_service.url, READER_TOKEN).push(source, "chat@1", "acme/auth")
     assert HubClient(hub_service.url, WRITER_TOKEN).push(source, "chat@1", "acme/auth", private=True)
-    with pytest.raises(HubAuthError, match="private"):
+    with pytest.raises(HubError, match="not found"):  # issue 20: a private repo answers as a missing one
         HubClient(hub_service.url).pull("acme/auth", store=LocalStore(tmp_path / "t"))
 
 

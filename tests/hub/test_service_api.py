@@ -151,15 +151,16 @@ def test_private_repo_needs_a_token_with_rights(hub_service: HubProcess, tmp_pat
     writer = HfApi(endpoint=hub_service.url, token=WRITER_TOKEN)
     writer.create_repo("acme/secret", private=True)
     writer.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="acme/secret")
+    # issue 20: a reader without rights gets the answer a missing repo gets (404 RepoNotFound)
     with pytest.raises(HfHubHTTPError) as info:
         HfApi(endpoint=hub_service.url, token=False).model_info("acme/secret")
-    assert info.value.response.status_code == 401 and "private" in str(info.value)
+    assert info.value.response.status_code == 404 and "not found" in str(info.value)
     assert HfApi(endpoint=hub_service.url, token=READER_TOKEN).model_info("acme/secret").private is True
     with pytest.raises(HfHubHTTPError) as info:
         HfApi(endpoint=hub_service.url, token=OTHER_TOKEN).model_info("acme/secret")
-    assert info.value.response.status_code == 403
+    assert info.value.response.status_code == 404
     anonymous = httpx.get(f"{hub_service.url}/acme/secret/resolve/main/config.json", timeout=10)
-    assert anonymous.status_code == 401
+    assert anonymous.status_code == 404
     listed = httpx.get(f"{hub_service.url}/api/models", timeout=10).json()
     assert "acme/secret" not in [m["id"] for m in listed]
 

@@ -17,6 +17,7 @@ from hub.service.errors import (
     EntryNotFoundError,
     ForbiddenError,
     RangeNotSatisfiableError,
+    RepoNotFoundError,
     RevisionNotFoundError,
     UnauthorizedError,
     UnprocessableError,
@@ -125,9 +126,9 @@ def test_access_decisions(tmp_path: Path) -> None:
         auth.check_write(None, "acme/x")
     auth.check_read(None, "acme/x", private=False)
     auth.check_read(reader, "other/x", private=True)
-    with pytest.raises(UnauthorizedError):
+    with pytest.raises(RepoNotFoundError):  # issue 20: unreadable private repos answer as missing ones
         auth.check_read(None, "acme/x", private=True)
-    with pytest.raises(ForbiddenError):
+    with pytest.raises(RepoNotFoundError):
         auth.check_read(writer, "other/x", private=True)
     open_auth = Authenticator(None)
     open_auth.check_write(open_auth.identify(None), "any/repo")

@@ -106,20 +106,21 @@ def bearer(token: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-# (token, repo) -> (read status, write status); "wrong" is an unknown token.
+# (token, repo) -> (read status, write status); "wrong" is an unknown token. A private repo the token may
+# not read answers 404, as a missing repo does (issue 20: its existence does not leak).
 SCOPES = {
     (WRITER, "acme/open"): (200, 200),
     (WRITER, "acme/closed"): (200, 200),
     (WRITER, "other/open"): (200, 403),
-    (WRITER, "other/closed"): (403, 403),
+    (WRITER, "other/closed"): (404, 403),
     (READER, "acme/open"): (200, 403),
     (READER, "acme/closed"): (200, 403),
     (READER, "other/closed"): (200, 403),
     (OTHER, "acme/open"): (200, 403),
-    (OTHER, "acme/closed"): (403, 403),
+    (OTHER, "acme/closed"): (404, 403),
     (OTHER, "other/closed"): (200, 200),
     (None, "acme/open"): (200, 401),
-    (None, "acme/closed"): (401, 401),
+    (None, "acme/closed"): (404, 401),
     ("hf_wrong_token", "acme/open"): (401, 401),
     ("hf_wrong_token", "other/closed"): (401, 401),
 }

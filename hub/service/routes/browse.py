@@ -1,13 +1,17 @@
 """Browsing: `GET /api/adapters?task=&base=` (JSON) and `GET /` (a small HTML page with the adapters' cards).
 
 An adapter is a repo whose `main` holds a valid adapterdock `manifest.json`; other repos are hosted but not
-listed here. Private repos are listed only to callers who may read them.
+listed here. Private repos are listed only to callers who may read them. One malformed repo (a manifest that
+does not validate or serialize, hostile card metadata, a damaged blob) is skipped and logged: it never
+fails the listing or the page for everyone else.
 Boundary: read-only views over storage and `hub.service.catalog`.
 """
 
 from __future__ import annotations
 
 import html
+import json
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -20,6 +24,7 @@ from hub.service.deps import Caller, ServiceState, State, base_url
 from hub.service.errors import RevisionNotFoundError
 
 router = APIRouter()
+logger = logging.getLogger(__name__)
 
 
 def find_adapters(
@@ -31,21 +36,40 @@ def find_adapters(
         if repo.private and (caller is None or not caller.can_read(repo.repo_id)):
             continue
         try:
-            commit = state.storage.resolve(repo.repo_id, "main")
-        except RevisionNotFoundError:
+            entry = _adapter_entry(state, repo.repo_id, repo.private, task, base)
+        except Exception:  # one bad repo is skipped, never the whole listing
+            logger.exception("skipping repo %s in the adapter listing", repo.repo_id)
             continue
-        card = read_card(state.storage, state.storage.files(commit.oid))
-        manifest = card.manifest
-        if manifest is None:
-            continue
-        if task and manifest.task != task:
-            continue
-        if base and base not in (manifest.base.fingerprint, manifest.base.name_or_path):
-            continue
-        summary = adapter_summary(repo.repo_id, commit.oid, repo.private, manifest)
-        summary["tags"] = [name for name, oid in state.storage.refs(repo.repo_id)["tag"] if oid == commit.oid]
-        found.append((summary, card.body))
+        if entry is not None:
+            found.append(entry)
     return found
+
+
+def _adapter_entry(
+    state: ServiceState, repo_id: str, private: bool, task: str | None, base: str | None
+) -> tuple[dict[str, Any], str] | None:
+    """One repo's `(summary, card body)`, None when it is not an adapter or does not match the filters.
+
+    Raises:
+        Whatever a malformed repo makes parsing or rendering raise; `find_adapters` skips it.
+    """
+    try:
+        commit = state.storage.resolve(repo_id, "main")
+    except RevisionNotFoundError:
+        return None
+    card = read_card(state.storage, state.storage.files(commit.oid))
+    manifest = card.manifest
+    if manifest is None:
+        return None
+    if task and manifest.task != task:
+        return None
+    if base and base not in (manifest.base.fingerprint, manifest.base.name_or_path):
+        return None
+    summary = adapter_summary(repo_id, commit.oid, private, manifest)
+    summary["tags"] = [name for name, oid in state.storage.refs(repo_id)["tag"] if oid == commit.oid]
+    json.dumps(summary, allow_nan=False)  # what the JSON listing sends
+    _article(summary, card.body)  # what the page renders
+    return summary, card.body
 
 
 @router.get("/api/adapters")

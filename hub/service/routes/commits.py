@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from hub.service.auth import Grant
 from hub.service.deps import (
     Caller,
-    JsonBody,
     ServiceState,
     State,
+    WriterJsonBody,
     base_url,
     read_body,
     repo_id_of,
@@ -61,7 +61,7 @@ def upload_mode(path: str, size: int, sample: bytes, threshold: int) -> str:
 
 @router.post(REPO + "/preupload/{revision}")
 def preupload(
-    namespace: str, name: str, revision: str, body: JsonBody, state: State, caller: Caller
+    namespace: str, name: str, revision: str, body: WriterJsonBody, state: State, caller: Caller
 ) -> dict[str, Any]:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
@@ -74,6 +74,7 @@ def preupload(
     files = body.get("files")
     if not isinstance(files, list):
         raise BadRequestError("Field 'files' must be a list.")
+    check_operation_count(len(files), state.limits.max_commit_operations)
     out = []
     for item in files:
         if not isinstance(item, dict) or not isinstance(item.get("size"), int) or item["size"] < 0:
@@ -88,6 +89,14 @@ def preupload(
             {"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": _oid(existing.get(path), mode)}
         )
     return {"files": out, "commitOid": head}
+
+
+def check_operation_count(count: int, limit: int) -> None:
+    """Refuse a commit, preupload or LFS batch of more than `limit` operations (413)."""
+    if count > limit:
+        raise PayloadTooLargeError(
+            f"A commit may hold at most {limit} operations.", "Split the upload into several commits."
+        )
 
 
 def _oid(record: FileRecord | None, mode: str) -> str | None:
@@ -141,6 +150,7 @@ def _apply_commit(
         if key == "header":
             header = value
         else:
+            check_operation_count(len(operations) + 1, state.limits.max_commit_operations)
             operations.append(_operation(state, repo_id, key, value, lineno))
     if header is None or not str(header.get("summary", "")).strip():
         raise BadRequestError("The commit has no header with a non-empty 'summary'.")

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from hub.service.deps import Caller, JsonBody, State, base_url, repo_id_of
+from hub.service.deps import Caller, State, WriterJsonBody, base_url, repo_id_of
 from hub.service.errors import (
     BadRequestError,
     ForbiddenError,
@@ -27,6 +27,7 @@ from hub.service.errors import (
     UnprocessableError,
 )
 from hub.service.names import SHA256_HEX
+from hub.service.routes.commits import check_operation_count
 from hub.service.routes.repos import writable_repo
 
 router = APIRouter()
@@ -43,7 +44,7 @@ def sign(secret: bytes, repo_id: str, oid: str, size: int, expires: int) -> str:
 
 @router.post("/{namespace}/{name}.git/info/lfs/objects/batch")
 def lfs_batch(
-    namespace: str, name: str, body: JsonBody, request: Request, state: State, caller: Caller
+    namespace: str, name: str, body: WriterJsonBody, request: Request, state: State, caller: Caller
 ) -> JSONResponse:
     repo_id = repo_id_of(namespace, name)
     if body.get("operation") != "upload":
@@ -57,6 +58,7 @@ def lfs_batch(
     objects = body.get("objects")
     if not isinstance(objects, list):
         raise BadRequestError("Field 'objects' must be a list.")
+    check_operation_count(len(objects), state.limits.max_commit_operations)
     answers = [_answer(state, request, repo_id, obj) for obj in objects]
     return JSONResponse(
         {"transfer": "basic", "objects": answers, "hash_algo": "sha256"}, media_type=LFS_MEDIA_TYPE
@@ -113,7 +115,8 @@ async def lfs_upload(
     if not SHA256_HEX.match(oid):
         raise BadRequestError(f"Invalid LFS oid {oid!r}.")
     expected = sign(state.storage.secret, repo_id, oid, size, expires)
-    if not hmac.compare_digest(expected, sig):
+    # bytes, not str: compare_digest raises TypeError on a str with non-ASCII characters
+    if not hmac.compare_digest(expected.encode(), sig.encode("utf-8", errors="replace")):
         raise ForbiddenError(
             "The upload URL's signature is invalid.", "Ask the LFS batch endpoint for a new URL."
         )
@@ -145,7 +148,7 @@ async def lfs_upload(
 
 
 @router.post("/api/lfs/verify/{namespace}/{name}")
-def lfs_verify(namespace: str, name: str, body: JsonBody, state: State, caller: Caller) -> dict:
+def lfs_verify(namespace: str, name: str, body: WriterJsonBody, state: State, caller: Caller) -> dict:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
     oid, size = body.get("oid"), body.get("size")

@@ -7,6 +7,7 @@ Boundary: validation, auth checks and JSON shaping; storage does the work.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -15,19 +16,39 @@ from fastapi import APIRouter, Request
 
 from hub.service.auth import Grant
 from hub.service.catalog import read_card, repo_tags, split_front_matter
-from hub.service.deps import Caller, JsonBody, SmallBody, State, base_url, repo_id_of, truthy
-from hub.service.errors import BadRequestError, ConflictError, EntryNotFoundError, UnauthorizedError
+from hub.service.deps import (
+    Caller,
+    JsonBody,
+    SmallBody,
+    State,
+    WriterJsonBody,
+    base_url,
+    repo_id_of,
+    truthy,
+)
+from hub.service.errors import (
+    BadRequestError,
+    ConflictError,
+    EntryNotFoundError,
+    RepoNotFoundError,
+    UnauthorizedError,
+)
 from hub.service.names import validate_folder, validate_path, validate_repo_id, validate_revision
 from hub.service.records import CommitRecord, FileRecord, RepoRecord
 
 router = APIRouter()
 
 REPO = "/api/models/{namespace}/{name}"
+VERSION_TAG = re.compile(r"v\d+")
+"""Tags `adapterdock hub push` makes for each version: immutable once made."""
 
 
 def readable_repo(state: State, caller: Grant | None, repo_id: str) -> RepoRecord:
-    """The repo, after checking the caller may read it."""
-    repo = state.storage.get_repo(repo_id)
+    """The repo, after checking the caller may read it (a private repo it may not read is "not found")."""
+    try:
+        repo = state.storage.get_repo(repo_id)
+    except RepoNotFoundError:
+        raise RepoNotFoundError(f"Repository {repo_id} not found.") from None
     state.auth.check_read(caller, repo_id, repo.private)
     return repo
 
@@ -46,7 +67,7 @@ def _only_models(repo_type: Any) -> None:
 
 
 @router.post("/api/repos/create")
-def create_repo(body: JsonBody, request: Request, state: State, caller: Caller) -> dict[str, Any]:
+def create_repo(body: WriterJsonBody, request: Request, state: State, caller: Caller) -> dict[str, Any]:
     _only_models(body.get("type"))
     name, organization = body.get("name"), body.get("organization")
     if not isinstance(name, str):
@@ -72,7 +93,7 @@ def create_repo(body: JsonBody, request: Request, state: State, caller: Caller) 
 
 
 @router.delete("/api/repos/delete")
-def delete_repo(body: JsonBody, state: State, caller: Caller) -> dict[str, Any]:
+def delete_repo(body: WriterJsonBody, state: State, caller: Caller) -> dict[str, Any]:
     _only_models(body.get("type"))
     repo_id = validate_repo_id(f"{body.get('organization')}/{body.get('name')}")
     writable_repo(state, caller, repo_id)
@@ -81,7 +102,7 @@ def delete_repo(body: JsonBody, state: State, caller: Caller) -> dict[str, Any]:
 
 
 @router.put(REPO + "/settings")
-def update_settings(namespace: str, name: str, body: JsonBody, state: State, caller: Caller) -> dict:
+def update_settings(namespace: str, name: str, body: WriterJsonBody, state: State, caller: Caller) -> dict:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
     visibility = body.get("visibility")
@@ -200,7 +221,7 @@ def list_refs(namespace: str, name: str, state: State, caller: Caller) -> dict[s
 
 @router.post(REPO + "/tag/{revision}")
 def create_tag(
-    namespace: str, name: str, revision: str, body: JsonBody, state: State, caller: Caller
+    namespace: str, name: str, revision: str, body: WriterJsonBody, state: State, caller: Caller
 ) -> dict[str, Any]:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
@@ -214,13 +235,18 @@ def create_tag(
 def delete_tag(namespace: str, name: str, tag: str, state: State, caller: Caller) -> dict[str, Any]:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
+    if VERSION_TAG.fullmatch(tag):
+        raise ConflictError(
+            f"Tag {tag!r} of {repo_id} names an adapter version; version tags never move or go away.",
+            "Push the new content as a new version (a new v<N>), or delete the whole repo.",
+        )
     state.storage.delete_ref(repo_id, "tag", validate_revision(tag))
     return {}
 
 
 @router.post(REPO + "/branch/{branch}")
 def create_branch(
-    namespace: str, name: str, branch: str, body: JsonBody, state: State, caller: Caller
+    namespace: str, name: str, branch: str, body: WriterJsonBody, state: State, caller: Caller
 ) -> dict[str, Any]:
     repo_id = repo_id_of(namespace, name)
     writable_repo(state, caller, repo_id)
