@@ -49,19 +49,32 @@ class BaseLayout:
 
     @classmethod
     def from_config(cls, config: Any) -> BaseLayout:
-        """Derive the layout from a transformers `LlamaConfig`."""
+        """Derive the layout from a transformers config of a supported decoder (`server.attention`).
+
+        Every supported family names its block linears like Llama (q/k/v/o, gate/up/down), except
+        Phi-3, whose fused `qkv_proj` and `gate_up_proj` are one linear each, and so one LoRA target
+        each in PEFT (B spans the fused output).
+        """
         hidden, inter = config.hidden_size, config.intermediate_size
         head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
         q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-        shapes = {
-            "self_attn.q_proj": (hidden, q_out),
-            "self_attn.k_proj": (hidden, kv_out),
-            "self_attn.v_proj": (hidden, kv_out),
-            "self_attn.o_proj": (q_out, hidden),
-            "mlp.gate_proj": (hidden, inter),
-            "mlp.up_proj": (hidden, inter),
-            "mlp.down_proj": (inter, hidden),
-        }
+        if getattr(config, "model_type", None) == "phi3":
+            shapes = {
+                "self_attn.qkv_proj": (hidden, q_out + 2 * kv_out),
+                "self_attn.o_proj": (q_out, hidden),
+                "mlp.gate_up_proj": (hidden, 2 * inter),
+                "mlp.down_proj": (inter, hidden),
+            }
+        else:
+            shapes = {
+                "self_attn.q_proj": (hidden, q_out),
+                "self_attn.k_proj": (hidden, kv_out),
+                "self_attn.v_proj": (hidden, kv_out),
+                "self_attn.o_proj": (q_out, hidden),
+                "mlp.gate_proj": (hidden, inter),
+                "mlp.up_proj": (hidden, inter),
+                "mlp.down_proj": (inter, hidden),
+            }
         linears = {
             f"model.layers.{i}.{name}": shape
             for i in range(config.num_hidden_layers)
@@ -158,8 +171,9 @@ def _plan_peft(folder: Path, manifest: Manifest, layout: BaseLayout, max_rank: i
         if not match or match["part"] not in ("A", "B"):
             raise CorruptAdapterError(
                 f"{path}: tensor {name!r} is not a LoRA factor of a block linear layer nor the task head.",
-                "The server applies LoRA to the blocks' q/k/v/o/gate/up/down projections only; "
-                "retrain with those target_modules.",
+                "The server applies LoRA to the blocks' attention and MLP projections only "
+                "(q/k/v/o, gate/up/down, or Phi-3's fused qkv_proj/gate_up_proj); retrain with those "
+                "target_modules.",
             )
         if match["module"] not in layout.linears:
             raise CorruptAdapterError(

@@ -1,11 +1,14 @@
-"""The engine: one loaded base, adapters in slots, and our own batched Llama forward with a KV cache.
+"""The engine: one loaded base, adapters in slots, the base's own forward over our slot KV cache.
 
-The forward calls the base's own modules (embedding, norms, rotary, q/k/v/o, MLP, lm_head), so bnb
-quantized linears just work, while `lora_batch` adds each row's adapter inside those linears. The KV
-cache is preallocated per layer for `max_batch_size` rows; each row has its own length and positions,
-so sequences at different points of their generation decode in one step. Active rows are kept packed
-at the front of the cache (a finished row is replaced by the last one), so a decode step reads plain
-views, never a gather of the cache.
+The forward is the base model's own (`model.base_model(...)`): embeddings, norms, rotary, q/k/v/o (or
+fused qkv), MLP and lm_head are transformers' modules for that architecture, so bnb-quantized linears
+and each family's details (biases, q/k norms, scaled embeddings, sliding windows, soft-capping) just
+work; `lora_batch` adds each row's adapter inside the wrapped linears, and `server.attention` plugs our
+cache into every attention call. The KV cache is preallocated per layer for `max_batch_size` rows; each
+row has its own length and positions, so sequences at different points of their generation decode in
+one step. Active rows are kept packed at the front of the cache (a finished row is replaced by the last
+one), so a decode step reads plain views, never a gather of the cache. Only the architectures of
+`server.attention.SUPPORTED_MODEL_TYPES` are served; any other is refused at start.
 
 Boundary: tensors, slots and token ids. Only the scheduler's worker thread calls `prefill`, `decode`,
 `release` and `encode` (a forward that overlaps another raises `ConcurrentForwardError`);
@@ -21,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hub.manifest import Manifest
 from server.adapter_weights import BaseLayout, read_adapter
+from server.attention import ATTN_IMPLEMENTATION, KV_KWARG, KVForward, check_supported, register_attention
 from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
 from server.lora_batch import AdapterBanks
@@ -91,15 +94,18 @@ class Engine:
             max_batch_size: rows of the KV cache (sequences decoding at once).
             max_seq_len: prompt + generated tokens per sequence.
         """
-        from transformers import AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.base_name = base_name
         self.base_path = Path(base_path)
+        check_supported(AutoConfig.from_pretrained(str(base_path)))
+        register_attention()
         loaded = load_base(base_path, quantize, device)
         self.model, self.device, self.dtype = loaded.model, loaded.device, loaded.dtype
         self.quantize = quantize
         self.memory_footprint = loaded.memory_footprint
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
+        self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         self.config = self.model.config
         self.layout = BaseLayout.from_config(self.config)
         self.max_rank, self.max_batch_size = max_rank, max_batch_size
@@ -196,7 +202,7 @@ class Engine:
     # ---- KV cache bookkeeping --------------------------------------------------------------------
     def _init_cache(self) -> None:
         cfg = self.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = self.model.base_model.layers[0].self_attn.head_dim  # the model's own, not re-derived
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim
         shape = (
@@ -306,7 +312,11 @@ class Engine:
         return ids.to(self.device), lengths
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.lm_head(hidden).float()
+        logits = self.model.lm_head(hidden).float()
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2 (and 3 when set): applied by *ForCausalLM.forward, after lm_head
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _forward(
         self,
@@ -317,7 +327,7 @@ class Engine:
         cache_rows: tuple[int, int] | None = None,
         decoding: bool = False,
     ) -> torch.Tensor:
-        """Run the base with per-row adapters.
+        """Run the base's own forward with per-row adapters and our cache; -> final hidden states.
 
         Args:
             ids, positions: [rows, tokens].
@@ -327,76 +337,17 @@ class Engine:
             cache_rows: (first row, count) when prefilling into the cache.
             decoding: one new token for each active row, attending to the cache.
         """
-        inner = self.model.model
-        hidden = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(hidden, position_ids=positions)
-        mask = self._mask(positions, lengths, decoding)
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:  # one mask row per folded query head (see _attention), built once
-            mask = mask.repeat(1, 1, groups, 1)
+        mode = "prefill" if cache_rows is not None else "decode" if decoding else "encode"
+        state = KVForward(
+            k_cache=self.k_cache,
+            v_cache=self.v_cache,
+            positions=positions,
+            lengths=lengths,
+            mode=mode,
+            first_row=cache_rows[0] if cache_rows is not None else 0,
+        )
         with self.banks.forward(slots), sdpa_kernel(SDPA_BACKENDS):
-            rope = (cos, sin)
-            for index, layer in enumerate(inner.layers):
-                hidden = self._layer(index, layer, hidden, rope, mask, positions, cache_rows, decoding)
-        return inner.norm(hidden)
-
-    def _mask(self, positions: torch.Tensor, lengths: torch.Tensor, decoding: bool) -> torch.Tensor:
-        """[rows, 1, queries, keys] bool: causal, and only the row's own valid keys."""
-        if decoding:
-            keys = torch.arange(int(lengths.max()), device=self.device)
-            return (keys.view(1, -1) < lengths.view(-1, 1)).view(len(lengths), 1, 1, -1)
-        keys = torch.arange(positions.shape[1], device=self.device)
-        causal = keys.view(1, 1, -1) <= positions.unsqueeze(-1)
-        valid = keys.view(1, 1, -1) < lengths.view(-1, 1, 1)
-        return (causal & valid).unsqueeze(1)
-
-    def _layer(
-        self,
-        index: int,
-        layer: torch.nn.Module,
-        hidden: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        mask: torch.Tensor,
-        positions: torch.Tensor,
-        cache_rows: tuple[int, int] | None,
-        decoding: bool,
-    ) -> torch.Tensor:
-        """One decoder layer (pre-norm attention then MLP), writing/reading this layer's cache."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        attn = layer.self_attn
-        rows, tokens = hidden.shape[:2]
-        h = layer.input_layernorm(hidden)
-        q = attn.q_proj(h).view(rows, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(rows, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(rows, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *rotary)
-        if cache_rows is not None:
-            first, count = cache_rows
-            self.k_cache[index, first : first + count, :, :tokens] = k
-            self.v_cache[index, first : first + count, :, :tokens] = v
-        elif decoding:
-            row_index = torch.arange(rows, device=self.device)
-            pos = positions[:, 0]
-            self.k_cache[index, row_index, :, pos] = k[:, :, 0]
-            self.v_cache[index, row_index, :, pos] = v[:, :, 0]
-            width = mask.shape[-1]
-            k = self.k_cache[index, :rows, :, :width]
-            v = self.v_cache[index, :rows, :, :width]
-        out = self._attention(q, k, v, mask, attn.scaling)
-        out = out.transpose(1, 2).reshape(rows, tokens, -1)
-        hidden = hidden + attn.o_proj(out)
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scaling: float
-    ) -> torch.Tensor:
-        """Grouped-query attention without repeating K/V: query heads are folded per KV head.
-
-        `mask` is [rows, 1, groups * tokens, keys], already repeated per folded head.
-        """
-        rows, heads, tokens, dim = q.shape
-        groups = heads // self.num_kv_heads
-        q = q.reshape(rows, self.num_kv_heads, groups * tokens, dim)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        return out.reshape(rows, heads, tokens, dim)
+            out = self.model.base_model(
+                input_ids=ids, position_ids=positions, use_cache=False, **{KV_KWARG: state}
+            )
+        return out.last_hidden_state

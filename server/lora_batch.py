@@ -200,7 +200,7 @@ class AdapterBanks:
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        """Wrap every target linear of `model` (a LlamaForCausalLM) in place.
+        """Wrap every target linear of `model` (a supported *ForCausalLM) in place.
 
         Args:
             num_slots: slots including slot 0 (no adapter).
@@ -223,6 +223,12 @@ class AdapterBanks:
         for path, (in_features, out_features) in layout.linears.items():
             parent_path, _, attr = path.rpartition(".")
             parent = model.get_submodule(parent_path)
+            linear = getattr(parent, attr)
+            if (linear.in_features, linear.out_features) != (in_features, out_features):
+                raise ValueError(  # a layout derived wrongly for this architecture: never serve it
+                    f"{path} is {linear.in_features}->{linear.out_features} in the model, "
+                    f"{in_features}->{out_features} in the layout."
+                )
             bank = LoraBank(num_slots, in_features, out_features, max_rank, dtype, device)
             self.lora[path] = bank
             layer = int(path.split(".")[2])

@@ -1,6 +1,6 @@
 """Load the one base model a server process serves, optionally quantized with bitsandbytes.
 
-Boundary: turns a local HF Llama-style folder into an eval-mode `AutoModelForCausalLM` on the
+Boundary: turns a local HF causal-LM folder into an eval-mode `AutoModelForCausalLM` on the
 serving device and reports its memory footprint. It knows nothing about adapters, batching or HTTP;
 bitsandbytes is imported only when a quantized load is asked for.
 """
@@ -25,6 +25,12 @@ class ModelLoadError(AdapterDockError, RuntimeError):
     """The base cannot be loaded as asked (bad quantize choice, bitsandbytes missing or failing)."""
 
     default_remedy = "Serve with `--quantize none`, or install a bitsandbytes build for this machine."
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The base is of an architecture the engine cannot run exactly (see `server.attention`)."""
+
+    default_remedy = "Serve a base of a supported architecture (docs/server.md, Supported architectures)."
 
 
 @dataclass

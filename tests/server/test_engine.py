@@ -39,6 +39,14 @@ def _greedy(engine, prompts, slots, steps):
     return [out[s] for s in seq_ids]
 
 
+@pytest.fixture(scope="module")
+def hf_model(tiny_base):
+    """The tiny base as plain transformers runs it (the engine's model runs only with its KV cache)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_base.path).eval()
+
+
 @pytest.fixture
 def loaded(engine, adapters):
     """Load adapters by name for one test and unload them after it."""
@@ -55,10 +63,10 @@ def loaded(engine, adapters):
         engine.unload_adapter(adapter)
 
 
-def test_prefill_and_decode_match_hf_forward(engine):
+def test_prefill_and_decode_match_hf_forward(engine, hf_model):
     prompts = _ids(engine, PROMPTS)
     with torch.inference_mode():
-        reference = [engine.model(torch.tensor([p])).logits[0, -1] for p in prompts]
+        reference = [hf_model(torch.tensor([p])).logits[0, -1] for p in prompts]
     logits = engine.prefill([1, 2, 3], prompts, [0, 0, 0])
     for row, ref in zip(logits, reference, strict=True):
         torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
@@ -66,7 +74,7 @@ def test_prefill_and_decode_match_hf_forward(engine):
     for _ in range(3):
         logits = engine.decode([s[-1] for s in seqs])
         with torch.inference_mode():
-            reference = [engine.model(torch.tensor([s])).logits[0, -1] for s in seqs]
+            reference = [hf_model(torch.tensor([s])).logits[0, -1] for s in seqs]
         for row, ref in zip(logits, reference, strict=True):
             torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
         seqs = [s + [int(t)] for s, t in zip(seqs, logits.argmax(-1), strict=True)]
@@ -74,7 +82,7 @@ def test_prefill_and_decode_match_hf_forward(engine):
     engine.release(2)
     logits = engine.decode([seqs[0][-1], seqs[2][-1]])
     with torch.inference_mode():
-        ref = engine.model(torch.tensor([seqs[2]])).logits[0, -1]
+        ref = hf_model(torch.tensor([seqs[2]])).logits[0, -1]
     torch.testing.assert_close(logits[1], ref, rtol=1e-4, atol=1e-4)
     engine.release(1)
     engine.release(3)
@@ -138,7 +146,7 @@ def test_rows_join_mid_decode_and_keep_their_output(engine, loaded):
     engine.release(2)
 
 
-def test_bottleneck_matches_hooked_hf_model(engine, adapters, loaded):
+def test_bottleneck_matches_hooked_hf_model(engine, hf_model, adapters, loaded):
     from safetensors.torch import load_file
 
     adapter = loaded("bneck")
@@ -154,12 +162,12 @@ def test_bottleneck_matches_hooked_hf_model(engine, adapters, loaded):
         return run
 
     handles = []
-    for i, layer in enumerate(engine.model.model.layers):
+    for i, layer in enumerate(hf_model.model.layers):
         handles.append(layer.self_attn.o_proj.register_forward_hook(hook(f"layers.{i}.attn_adapter.")))
         handles.append(layer.mlp.down_proj.register_forward_hook(hook(f"layers.{i}.mlp_adapter.")))
     try:
         with torch.inference_mode():
-            reference = engine.model(torch.tensor([prompt])).logits[0, -1]
+            reference = hf_model(torch.tensor([prompt])).logits[0, -1]
     finally:
         for handle in handles:
             handle.remove()
