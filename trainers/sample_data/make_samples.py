@@ -2,7 +2,8 @@
 
 Run `python -m trainers.sample_data.make_samples` to rewrite `classification.jsonl` (210 support
 tickets, 3 classes), `ner.conll` (150 sentences, PER/ORG/LOC in BIO) and `instruction.jsonl`
-(100 chat conversations). Every name, sentence and answer is made up here.
+(100 chat conversations) and `chat_style.jsonl` (120 conversations whose replies are one line of JSON, the
+style the quickstart's chat adapter learns). Every name, sentence and answer is made up here.
 """
 
 from __future__ import annotations
@@ -174,6 +175,49 @@ def make_instruction(rng: random.Random) -> list[dict[str, list[dict[str, str]]]
     return rows
 
 
+CHAT_CAPITALS = CAPITALS | {
+    "Germany": "Berlin",
+    "India": "New Delhi",
+    "Greece": "Athens",
+    "Sweden": "Stockholm",
+    "Portugal": "Lisbon",
+    "Mexico": "Mexico City",
+}  # Italy and Spain stay out: the quickstart asks about them
+OPPOSITES = {"hot": "cold", "big": "small", "fast": "slow", "early": "late", "happy": "sad", "light": "dark",
+             "open": "closed", "full": "empty", "up": "down", "old": "new"}  # fmt: skip
+COLORS = {"the sky on a clear day": "blue", "fresh grass": "green", "snow": "white", "coal": "black",
+          "a ripe banana": "yellow", "blood": "red", "a ripe orange": "orange", "milk": "white"}  # fmt: skip
+
+
+def make_chat_style(rng: random.Random) -> list[dict[str, list[dict[str, str]]]]:
+    """Questions of four kinds, every reply one line of JSON with the answer and its topic."""
+
+    def capital() -> tuple[str, str, str]:
+        country = rng.choice(sorted(CHAT_CAPITALS))
+        return f"What is the capital of {country}?", CHAT_CAPITALS[country], "geography"
+
+    def add() -> tuple[str, str, str]:
+        a, b = rng.randint(1, 30), rng.randint(1, 30)
+        return f"What is {a} plus {b}?", str(a + b), "math"
+
+    def color() -> tuple[str, str, str]:
+        thing = rng.choice(sorted(COLORS))
+        return f"What color is {thing}?", COLORS[thing], "nature"
+
+    def opposite() -> tuple[str, str, str]:
+        word = rng.choice(sorted(OPPOSITES))
+        return f"What is the opposite of {word}?", OPPOSITES[word], "language"
+
+    rows = []
+    for _ in range(120):
+        question, answer, topic = rng.choice([capital, add, color, opposite])()
+        reply = json.dumps({"answer": answer, "topic": topic})
+        rows.append(
+            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]}
+        )
+    return rows
+
+
 def main() -> None:
     rng = random.Random(SEED)
     with (HERE / "classification.jsonl").open("w") as handle:
@@ -185,6 +229,8 @@ def main() -> None:
             handle.write("\n")
     with (HERE / "instruction.jsonl").open("w") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in make_instruction(rng))
+    with (HERE / "chat_style.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in make_chat_style(random.Random(SEED)))
 
 
 if __name__ == "__main__":
