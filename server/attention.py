@@ -64,6 +64,24 @@ def check_supported(config: Any) -> None:
         )
 
 
+def exact_context(config: Any, requested: int) -> int:
+    """The longest sequence the engine serves exactly: `requested`, capped by the base's positions.
+
+    Rotary types whose frequencies depend on the batch's largest position (Phi-3's `longrope`, `dynamic`
+    NTK) switch for the whole batch at `original_max_position_embeddings`, so a row past it would change
+    its batch mates' positions (and its own cached keys were rotated the other way): cap there.
+    """
+    limit = min(requested, config.max_position_embeddings)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type") in ("longrope", "dynamic"):
+        original = rope.get("original_max_position_embeddings") or getattr(
+            config, "original_max_position_embeddings", None
+        )
+        if original:
+            limit = min(limit, int(original))
+    return limit
+
+
 def register_attention() -> None:
     """Register `kv_attention` in transformers' attention interface (idempotent)."""
     from transformers import AttentionInterface

@@ -28,7 +28,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hub.manifest import Manifest
 from server.adapter_weights import BaseLayout, read_adapter
-from server.attention import ATTN_IMPLEMENTATION, KV_KWARG, KVForward, check_supported, register_attention
+from server.attention import (
+    ATTN_IMPLEMENTATION,
+    KV_KWARG,
+    KVForward,
+    check_supported,
+    exact_context,
+    register_attention,
+)
 from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
 from server.lora_batch import AdapterBanks
@@ -109,7 +116,7 @@ class Engine:
         self.config = self.model.config
         self.layout = BaseLayout.from_config(self.config)
         self.max_rank, self.max_batch_size = max_rank, max_batch_size
-        self.max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        self.max_seq_len = exact_context(self.config, max_seq_len)
         self.banks = AdapterBanks(
             self.model,
             self.layout,

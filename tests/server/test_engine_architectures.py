@@ -242,3 +242,15 @@ def test_bidirectional_gemma3_is_refused() -> None:
     config.use_bidirectional_attention = True
     with pytest.raises(UnsupportedModelError, match="bidirectional"):
         check_supported(config)
+
+
+def test_batch_dependent_rotary_caps_the_context() -> None:
+    from types import SimpleNamespace
+
+    from server.attention import exact_context
+
+    longrope = {"rope_type": "longrope", "original_max_position_embeddings": 4096}
+    phi3 = SimpleNamespace(max_position_embeddings=131072, rope_parameters=longrope)
+    assert exact_context(phi3, 8192) == 4096 and exact_context(phi3, 1024) == 1024
+    llama3 = SimpleNamespace(max_position_embeddings=131072, rope_parameters={"rope_type": "llama3"})
+    assert exact_context(llama3, 8192) == 8192
