@@ -60,6 +60,9 @@ class HubProxy:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 proxy.handle(self)
 
+            def do_HEAD(self) -> None:  # noqa: N802 - huggingface_hub's downloads start with a HEAD
+                proxy.handle(self)
+
         class Quiet(ThreadingHTTPServer):
             def handle_error(self, request: object, client_address: object) -> None:
                 pass  # clients that hang up on a stalled or dripping answer
@@ -93,12 +96,15 @@ class HubProxy:
             h.end_headers()
             return
         headers = {k: v for k, v in h.headers.items() if k.lower() == "authorization"}
-        answer = httpx.get(self.upstream + h.path.replace("?hop=1", ""), headers=headers, timeout=30)
+        url = self.upstream + h.path.replace("?hop=1", "")
+        answer = httpx.request(h.command, url, headers=headers, timeout=30)
         h.send_response(answer.status_code)
         for key in RELAYED:
             if key in answer.headers:
                 h.send_header(key, answer.headers[key])
         h.end_headers()
+        if h.command == "HEAD":
+            return
         if mode == "drip" and is_file:
             for i in range(len(answer.content)):
                 if self.release.wait(0.5):
