@@ -315,6 +315,11 @@ class HubClient:
         return manifest
 
     def _reader(self) -> HubReader:
+        """A reader for one pull; refuses at once in offline mode, as huggingface_hub's calls do."""
+        if constants.HF_HUB_OFFLINE:
+            raise HubError(
+                f"Reaching {self.endpoint}: offline mode is on.", "Unset HF_HUB_OFFLINE to reach the hub."
+            )
         return HubReader(self.endpoint, self.token, self.limits)
 
     # ---- errors --------------------------------------------------------------------------------

@@ -268,3 +268,16 @@ def test_pull_caps_bytes_and_files(hub: HubProcess, source: LocalStore, tmp_path
     assert target.names() == []
     pulled = HubClient(hub.url, READER).pull("acme/multi", "v2", target, keep_version=True)
     assert pulled.ref == "multi@2"
+
+
+def test_the_vllm_resolver_keeps_hub_versions(hub: HubProcess, source: LocalStore, tiny_base: BaseInfo,
+                                              tmp_path: Path):  # fmt: skip
+    from hub.vllm_resolver import ResolverSettings, VllmAdapterResolver
+
+    settings = ResolverSettings(registry=tmp_path / "vllm", hub_endpoint=hub.url, hub_token=READER)
+    resolver = VllmAdapterResolver(settings)
+    for version in (3, 1, 2, 3):
+        got = resolver.resolve(str(tiny_base.path), f"acme/multi@{version}")
+        assert got.ref == f"acme/multi@{version}"
+        assert got.manifest.files == source.get(f"multi@{version}").manifest.files
+    assert resolver.store.versions("acme/multi") == [1, 2, 3]
