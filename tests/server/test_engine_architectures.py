@@ -38,6 +38,7 @@ class Arch:
     base: BaseInfo
     adapters: dict[str, Adapter]
     engine: object
+    registry: Path
 
 
 def _register(family: str, base: BaseInfo, root: Path) -> dict[str, Adapter]:
@@ -90,7 +91,7 @@ def arch(request, tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory)
     adapters = _register(family, base, root)
     engine = Engine(base.path, base_name=family, quantize="none", max_adapters=8, max_rank=16,
                     max_batch_size=8, max_seq_len=128)  # fmt: skip
-    return Arch(family, base, adapters, engine)
+    return Arch(family, base, adapters, engine, root / "registry")
 
 
 @pytest.fixture
@@ -163,6 +164,25 @@ def test_greedy_tokens_equal_peft_generate_alone_and_mixed(arch: Arch, load) -> 
     for seq_id in (1, 2):
         engine.release(seq_id)
     assert (with_adapter - base).abs().max() > 1e-2, "the adapter must change the logits"
+
+
+def test_running_server_answers_what_peft_generates(arch: Arch) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.config import ServerConfig
+
+    config = ServerConfig(base=str(arch.base.path), registry=arch.registry, quantize="none", max_adapters=2,
+                          max_new_tokens=STEPS, max_input_tokens=64)  # fmt: skip
+    prompt = arch.engine.tokenizer(PROMPTS[2])["input_ids"]
+    want = arch.engine.tokenizer.decode(
+        [t for t in _hf_greedy(arch, prompt, "gen-c") if t != IM_END], skip_special_tokens=True
+    )
+    with TestClient(create_app(config, base=arch.base)) as client:
+        body = {"model": "gen-c", "prompt": PROMPTS[2], "max_tokens": STEPS, "temperature": 0}
+        answer = client.post("/v1/completions", json=body)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["text"] == want, arch.family
 
 
 def test_classification_and_ner_equal_peft(arch: Arch, load) -> None:
