@@ -1,4 +1,4 @@
-"""Preference-tuning benchmark: reward model, DPO and PPO on Anthropic HH (harmless-base), tiny base.
+"""Preference-tuning benchmark: reward model, DPO and PPO on Anthropic HH (harmless-base).
 
 Data: `../shared/data/hh-rlhf-harmless-base/test.jsonl.gz` (2,312 pairs), shuffled with a fixed
 seed and split once: the last `--eval-pairs` pairs are held out and never trained on; training
@@ -16,10 +16,11 @@ uses the first `--train-pairs` (DPO, twice the cost per pair, the first `--dpo-t
   samples each: mean reward and KL per sample before and after, and the paired per-prompt gain
   with its 95% interval.
 
-The built-in base is randomly initialised, so absolute numbers are small; what is checked is that
-each method measurably moves in the right direction. Run: `python benchmarks/preference_quality.py
-[--train-pairs 1200] [--eval-pairs 400] [--threads 2]`; writes
-benchmarks/results/preference_quality.{json,md}.
+On the random `tiny` base absolute numbers are small and what is checked is that each method moves in
+the right direction; on `smollm2-135m` (the default) the targets are reward accuracy >= 0.62 and DPO
+implicit-reward accuracy >= 0.60 on the held-out pairs. Run: `python benchmarks/preference_quality.py
+[--base smollm2-135m] [--recipes reward dpo ppo] [--train-pairs 1200] [--eval-pairs 400] [--threads 2]`;
+writes benchmarks/results/preference_quality_<base>.{json,md} (`preference_quality.*` for `tiny`).
 """
 
 from __future__ import annotations
@@ -42,16 +43,26 @@ RESULTS = REPO / "benchmarks" / "results"
 SEED = 0
 SFT_MAX_REPLY_TOKENS = 20
 
-# Learning rates are high because the tiny base is random. PPO samples at temperature 0.5: the
-# random base's output layer caps any token's probability near 4% at temperature 1 (see NOTES).
+# Learning rates are high for the tiny base because it is random. PPO samples at temperature 0.5 there:
+# the random base's output layer caps any token's probability near 4% at temperature 1 (see NOTES).
 COMMON: dict[str, Any] = {
-    "base": "tiny",
     "method": "lora",
     "rank": 16,
     "alpha": 32.0,
     "seed": SEED,
     "cpu": True,
 }
+# The pretrained base: usual LoRA rates; longer sequences (HH replies differ late in the dialogue).
+PRETRAINED_SETTINGS: dict[str, dict[str, Any]] = {
+    "reward": {"epochs": 1.0, "batch_size": 8, "max_length": 128, "lr": 2e-4},
+    "dpo": {"epochs": 1.0, "batch_size": 8, "max_length": 128, "lr": 1e-4, "beta": 0.1},
+    "sft": {"epochs": 2.0, "batch_size": 8, "max_length": 128, "lr": 2e-4, "eval_fraction": 0.1},
+    "ppo": {
+        "max_steps": 40, "batch_size": 4, "samples_per_prompt": 4, "mini_batch_size": 8, "ppo_epochs": 2,
+        "max_new_tokens": 24, "max_length": 128, "lr": 1e-4, "kl_coef": 0.05, "temperature": 1.0,
+        "log_every": 5,
+    },
+}  # fmt: skip
 SETTINGS: dict[str, dict[str, Any]] = {
     "reward": {"epochs": 1.0, "batch_size": 8, "max_length": 96, "lr": 1e-3},
     "dpo": {"epochs": 1.0, "batch_size": 8, "max_length": 96, "lr": 5e-4, "beta": 0.1},
@@ -64,8 +75,17 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
+def settings_for(base: str) -> dict[str, dict[str, Any]]:
+    """The recipes' settings on `base`: the tiny toy's, or the pretrained ones."""
+    return SETTINGS if base == "tiny" else PRETRAINED_SETTINGS
+
+
+def results_stem(base: str) -> str:
+    return "preference_quality" if base == "tiny" else f"preference_quality_{base}"
+
+
 def split_data(
-    source: Path, work: Path, train_pairs: int, eval_pairs: int, dpo_pairs: int
+    source: Path, work: Path, train_pairs: int, eval_pairs: int, dpo_pairs: int, base: str
 ) -> dict[str, Path]:
     """Seeded shuffle of the HH rows; write train/eval pair files, PPO prompt files and SFT chats."""
     from hub.bases import resolve_base
@@ -87,7 +107,7 @@ def split_data(
         path = work / f"{name}_prompts.jsonl"
         path.write_text("".join(json.dumps({"prompt": [m.to_dict() for m in p]}) + "\n" for p in prompts))
         files[f"{name}_prompts"] = path
-    tokenizer = load_tokenizer(resolve_base(COMMON["base"]))
+    tokenizer = load_tokenizer(resolve_base(base))
     chats = [
         {"messages": [m.to_dict() for m in (*pair.prompt, *pair.chosen)]}
         for pair in read_preference_pairs(files["train"]).pairs
@@ -124,14 +144,23 @@ def run(recipe: Any, **values: Any) -> tuple[Any, float]:
     return manifest, round(time.perf_counter() - started, 1)
 
 
-def rewrite_markdown(out: Path = RESULTS) -> None:
-    """Re-render preference_quality.md from the saved JSON (no training)."""
-    results = json.loads((out / "preference_quality.json").read_text())
-    (out / "preference_quality.md").write_text(markdown(results))
+def rewrite_markdown(out: Path = RESULTS, base: str = "tiny") -> None:
+    """Re-render the Markdown table from the saved JSON (no training)."""
+    stem = results_stem(base)
+    results = json.loads((out / f"{stem}.json").read_text())
+    (out / f"{stem}.md").write_text(markdown(results))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        default=["reward", "dpo", "ppo"],
+        choices=["reward", "dpo", "ppo"],
+        help="what to run; ppo also trains the reward model and the SFT adapter it needs",
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--train-pairs", type=int, default=1200)
     parser.add_argument("--eval-pairs", type=int, default=400)
@@ -153,93 +182,129 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = settings_for(args.base)
     with tempfile.TemporaryDirectory(prefix="pref-bench-") as tmp:
         work = Path(tmp)
-        files = split_data(args.data, work, args.train_pairs, args.eval_pairs, args.dpo_train_pairs)
+        files = split_data(
+            args.data, work, args.train_pairs, args.eval_pairs, args.dpo_train_pairs, args.base
+        )
         eval_prompts = work / "eval_prompts_cut.jsonl"
         lines = files["eval_prompts"].read_text().splitlines(keepends=True)
         cut = lines[args.ppo_eval_offset : args.ppo_eval_offset + args.ppo_eval_prompts]
         eval_prompts.write_text("".join(cut))
-        shared = COMMON | {"registry": str(work / "registry"), "progress": False}
+        shared = COMMON | {"base": args.base, "registry": str(work / "registry"), "progress": False}
         pairs = {"data": str(files["train"]), "eval": str(files["eval"])}
-
-        rm, rm_seconds = run(reward, name="hh-reward", **shared, **pairs, **SETTINGS["reward"])
-        dpo_pairs = pairs | {"data": str(files["dpo_train"])}
-        dp, dpo_seconds = run(dpo, name="hh-dpo", **shared, **dpo_pairs, **SETTINGS["dpo"])
-        chats = {"data": str(files["sft"])}
-        sft, sft_seconds = run(instruction, name="hh-sft", **chats, **shared, **SETTINGS["sft"])
+        results: dict[str, Any] = {}
+        rm = dp = None
+        if "reward" in args.recipes or "ppo" in args.recipes:
+            rm, seconds = run(reward, name="hh-reward", **shared, **pairs, **settings["reward"])
+            low, high = interval(rm.metrics["accuracy"], args.eval_pairs)
+            results["reward"] = pick(rm.metrics, REWARD_KEYS) | {
+                "accuracy_95ci": [low, high],
+                "seconds": seconds,
+            }
+        if "dpo" in args.recipes:
+            dpo_pairs = pairs | {"data": str(files["dpo_train"])}
+            dp, seconds = run(dpo, name="hh-dpo", **shared, **dpo_pairs, **settings["dpo"])
+            results["dpo"] = pick(dp.metrics, DPO_KEYS) | {"seconds": seconds}
         ppo_runs = []
-        for seed in args.ppo_seeds:
-            values = shared | SETTINGS["ppo"] | {"seed": seed}
-            manifest, seconds = run(
-                ppo, name=f"hh-ppo-s{seed}", prompts=str(files["train_prompts"]), eval=str(eval_prompts),
-                reward=rm.ref, from_adapter=sft.ref, **values,
-            )  # fmt: skip
-            ppo_runs.append((seed, manifest, seconds))
+        if "ppo" in args.recipes:
+            chats = {"data": str(files["sft"])}
+            sft, seconds = run(instruction, name="hh-sft", **chats, **shared, **settings["sft"])
+            results["sft"] = pick(sft.metrics, SFT_KEYS) | {"seconds": seconds}
+            results["sft_chats"] = sum(
+                sft.trainer["data"][f"{part}_conversations"] for part in ("train", "eval")
+            )
+            for seed in args.ppo_seeds:
+                values = shared | settings["ppo"] | {"seed": seed}
+                manifest, seconds = run(
+                    ppo, name=f"hh-ppo-s{seed}", prompts=str(files["train_prompts"]), eval=str(eval_prompts),
+                    reward=rm.ref, from_adapter=sft.ref, **values,
+                )  # fmt: skip
+                ppo_runs.append((seed, manifest, seconds))
+            results["ppo"] = [
+                pick(m.metrics, PPO_KEYS)
+                | {"seed": seed, "steps": m.metrics["train_steps"], "seconds": seconds}
+                for seed, m, seconds in ppo_runs
+            ]
 
-    m_rm, m_dpo = rm.metrics, dp.metrics
-    low, high = interval(m_rm["accuracy"], args.eval_pairs)
-    first_ppo = ppo_runs[0][1]
-    results = {
-        "data": {
-            "source": str(args.data),
-            "train_pairs": rm.trainer["data"]["train_pairs"],
-            "dpo_train_pairs": dp.trainer["data"]["train_pairs"],
-            "eval_pairs": rm.trainer["data"]["eval_pairs"],
-            "seed": SEED,
-            "sft_chats": sum(sft.trainer["data"][f"{part}_conversations"] for part in ("train", "eval")),
-            "sft_max_reply_tokens": SFT_MAX_REPLY_TOKENS,
-            "ppo_train_prompts": first_ppo.trainer["data"]["train_prompts"],
-            "ppo_eval_prompts": first_ppo.trainer["data"]["eval_prompts"],
-            "ppo_eval_offset": args.ppo_eval_offset,
-        },
-        "settings": {"common": COMMON, **SETTINGS},
-        "reward": pick(m_rm, REWARD_KEYS) | {"accuracy_95ci": [low, high], "seconds": rm_seconds},
-        "dpo": pick(m_dpo, DPO_KEYS) | {"seconds": dpo_seconds},
-        "sft": pick(sft.metrics, SFT_KEYS) | {"seconds": sft_seconds},
-        "ppo": [
-            pick(m.metrics, PPO_KEYS) | {"seed": seed, "steps": m.metrics["train_steps"], "seconds": seconds}
-            for seed, m, seconds in ppo_runs
-        ],
-        "machine": {"platform": platform.platform(), "torch_threads": args.threads, "device": "cpu"},
+    first = rm or dp
+    results["data"] = {
+        "source": str(args.data),
+        "base": args.base,
+        "train_pairs": first.trainer["data"]["train_pairs"],
+        "dpo_train_pairs": args.dpo_train_pairs,
+        "eval_pairs": first.trainer["data"]["eval_pairs"],
+        "seed": SEED,
+        "sft_max_reply_tokens": SFT_MAX_REPLY_TOKENS,
+        "ppo_eval_offset": args.ppo_eval_offset,
     }
+    if ppo_runs:
+        results["data"] |= {
+            "sft_chats": results.pop("sft_chats"),
+            "ppo_train_prompts": ppo_runs[0][1].trainer["data"]["train_prompts"],
+            "ppo_eval_prompts": ppo_runs[0][1].trainer["data"]["eval_prompts"],
+        }
+    results["settings"] = {"common": COMMON | {"base": args.base}, **settings}
+    results["machine"] = {"platform": platform.platform(), "torch_threads": args.threads, "device": "cpu"}
     results["verdicts"] = verdicts(results)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preference_quality.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "preference_quality.md").write_text(markdown(results))
+    stem = results_stem(args.base)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, bool]:
-    d, runs = results["dpo"], results["ppo"]
-    return {
-        "reward accuracy above 0.5 (95% interval excludes 0.5)": results["reward"]["accuracy_95ci"][0] > 0.5,
-        "DPO eval reward accuracy above its pre-training value": d["reward_accuracy"]
-        > d["baseline_reward_accuracy"],
-        "DPO eval log-prob accuracy above the reference's": d["logp_accuracy"] > d["baseline_logp_accuracy"],
-        "PPO raises mean reward on held-out prompts (paired 95% interval above 0, every seed)": all(
+    """The checks each part of the run must pass; the pretrained base also has the issue's targets."""
+    checks: dict[str, bool] = {}
+    pretrained = results["data"].get("base", "tiny") != "tiny"
+    if "reward" in results:
+        r = results["reward"]
+        checks["reward accuracy above 0.5 (95% interval excludes 0.5)"] = r["accuracy_95ci"][0] > 0.5
+        if pretrained:
+            checks["reward held-out pairwise accuracy >= 0.62"] = r["accuracy"] >= 0.62
+    if "dpo" in results:
+        d = results["dpo"]
+        checks["DPO eval reward accuracy above its pre-training value"] = (
+            d["reward_accuracy"] > d["baseline_reward_accuracy"]
+        )
+        checks["DPO eval log-prob accuracy above the reference's"] = (
+            d["logp_accuracy"] > d["baseline_logp_accuracy"]
+        )
+        if pretrained:
+            checks["DPO held-out implicit-reward accuracy >= 0.60"] = d["reward_accuracy"] >= 0.60
+    if "ppo" in results:
+        runs = results["ppo"]
+        checks["PPO raises mean reward on held-out prompts (paired 95% interval above 0, every seed)"] = all(
             r["reward_gain"] - r["reward_gain_ci95"] > 0 for r in runs
-        ),
-        "PPO KL per sample bounded (< 10 nats, every seed)": all(r["kl"] < 10.0 for r in runs),
-    }
+        )
+        checks["PPO KL per sample bounded (< 10 nats, every seed)"] = all(r["kl"] < 10.0 for r in runs)
+    return checks
 
 
 def markdown(results: dict[str, Any]) -> str:
-    r, d, f = results["reward"], results["dpo"], results["sft"]
     data = results["data"]
-    ci = f"95% CI {r['accuracy_95ci'][0]:.3f}-{r['accuracy_95ci'][1]:.3f}; margin {r['margin']:.3f}"
-    dpo_note = f"margin {d['reward_margin']:.4f}; loss {d['loss']:.4f} (before {d['baseline_loss']:.4f})"
-    rows = [
-        ("reward", "pairwise accuracy", r["accuracy"], r["baseline_accuracy"], ci, r["seconds"]),
-        ("dpo", "implicit-reward accuracy", d["reward_accuracy"], d["baseline_reward_accuracy"], dpo_note,
-         d["seconds"]),
-        ("dpo", "log-prob accuracy", d["logp_accuracy"], d["baseline_logp_accuracy"],
-         f"KL(policy \\|\\| ref) per token {d['kl']:.4f}", ""),
-        ("sft (PPO's start)", "eval loss", f["loss"], f["baseline_loss"],
-         f"{data['sft_chats']} chats, replies of at most {data['sft_max_reply_tokens']} tokens",
-         f["seconds"]),
-    ]  # fmt: skip
-    for p in results["ppo"]:
+    rows = []
+    if "reward" in results:
+        r = results["reward"]
+        ci = f"95% CI {r['accuracy_95ci'][0]:.3f}-{r['accuracy_95ci'][1]:.3f}; margin {r['margin']:.3f}"
+        rows.append(("reward", "pairwise accuracy", r["accuracy"], r["baseline_accuracy"], ci, r["seconds"]))
+    if "dpo" in results:
+        d = results["dpo"]
+        dpo_note = f"margin {d['reward_margin']:.4f}; loss {d['loss']:.4f} (before {d['baseline_loss']:.4f})"
+        rows += [
+            ("dpo", "implicit-reward accuracy", d["reward_accuracy"], d["baseline_reward_accuracy"], dpo_note,
+             d["seconds"]),
+            ("dpo", "log-prob accuracy", d["logp_accuracy"], d["baseline_logp_accuracy"],
+             f"KL(policy \\|\\| ref) per token {d['kl']:.4f}", ""),
+        ]  # fmt: skip
+    if "sft" in results:
+        f = results["sft"]
+        rows.append(("sft (PPO's start)", "eval loss", f["loss"], f["baseline_loss"],
+                     f"{data['sft_chats']} chats, replies of at most {data['sft_max_reply_tokens']} tokens",
+                     f["seconds"]))  # fmt: skip
+    for p in results.get("ppo", []):
         note = (
             f"paired gain {p['reward_gain']:+.4f} +- {p['reward_gain_ci95']:.4f} (95%); KL per sample "
             f"{p['kl']:.2f}; reply length {p['mean_length']:.1f} (before {p['baseline_mean_length']:.1f}); "
@@ -247,14 +312,19 @@ def markdown(results: dict[str, Any]) -> str:
         )
         rows.append((f"ppo seed {p['seed']}", "mean reward of samples", p["mean_reward"],
                      p["baseline_mean_reward"], note, p["seconds"]))  # fmt: skip
+    base = data.get("base", "tiny")
+    ppo_line = ""
+    if "ppo" in results:
+        ppo_line = (
+            f"PPO prompts {data['ppo_train_prompts']} train / {data['ppo_eval_prompts']} held-out "
+            f"(held-out prompts {data['ppo_eval_offset']} onwards, 4 samples each, temperature "
+            f"{results['settings']['ppo']['temperature']}). "
+        )
     lines = [
-        "# Preference tuning quality (tiny base, Anthropic HH harmless-base)",
+        f"# Preference tuning quality ({base} base, Anthropic HH harmless-base)",
         "",
         f"Train pairs {data['train_pairs']} (DPO: the first {data['dpo_train_pairs']}), "
-        f"held-out pairs {data['eval_pairs']} (seed {data['seed']}); "
-        f"PPO prompts {data['ppo_train_prompts']} train / {data['ppo_eval_prompts']} held-out "
-        f"(held-out prompts {data['ppo_eval_offset']} onwards, 4 samples each, temperature "
-        f"{results['settings']['ppo']['temperature']}). "
+        f"held-out pairs {data['eval_pairs']} (seed {data['seed']}); {ppo_line}"
         f"CPU, {results['machine']['torch_threads']} torch thread(s). LoRA r=16 throughout.",
         "",
         "| recipe | metric | trained | before training | notes | seconds |",
@@ -263,7 +333,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [f"| {a} | {b} | {c:.4f} | {e:.4f} | {f} | {g} |" for a, b, c, e, f, g in rows]
     lines += ["", "| check | holds |", "|---|---|"]
     lines += [f"| {name} | {'yes' if ok else 'NO'} |" for name, ok in results["verdicts"].items()]
-    return "\n".join(lines + ["", NOTES]) + "\n"
+    notes = [NOTES] if base == "tiny" else []
+    return "\n".join(lines + ["", *notes]) + "\n"
 
 
 NOTES = """Reading the numbers (the built-in base is randomly initialised):

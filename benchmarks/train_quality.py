@@ -1,4 +1,4 @@
-"""Training quality benchmark: each task x method on real data with the built-in tiny base.
+"""Training quality benchmark: each task x method on real data, on the real base (`smollm2-135m`) or a toy.
 
 Trains through the real CLI (`python -m trainers TASK ...`, one subprocess per run so peak memory
 is per run) on the shared data sets, then reads the registered manifests:
@@ -10,12 +10,14 @@ is per run) on the shared data sets, then reads the registered manifests:
 - instruction: the alpaca demo set (`llamafactory-demo/alpaca_en_demo.json`), a seeded 90/10
   split -- eval loss / perplexity on assistant tokens vs the untrained adapter.
 
-Settings were fixed before the held-out runs and are the same for every method but the learning
-rate (method defaults scaled for a randomly initialised base); nothing was tuned on test splits.
+Settings are per base (`SETTINGS`) and the same for every method but the learning rate; they were
+fixed before the held-out runs. `--select` scores classification on `sst2-glue/dev.tsv` instead (872
+seeded sentences), the only split settings may be chosen on; nothing is tuned on the test splits.
 The reserved folders named in ../shared/data/README.md are never read.
 
-Run: `python benchmarks/train_quality.py [--tasks classification ner] [--methods lora full]
-[--scale 0.5] [--threads 1]`; writes benchmarks/results/train_quality.{json,md}.
+Run: `python benchmarks/train_quality.py [--base smollm2-135m] [--tasks classification ner]
+[--methods lora full] [--scale 0.5] [--threads 1]`; writes benchmarks/results/train_quality_<base>.{json,md}
+(`train_quality.{json,md}` for `--base tiny`, the first round's toy numbers).
 """
 
 from __future__ import annotations
@@ -39,31 +41,57 @@ METHODS = ["lora", "qlora", "bottleneck", "full"]
 TASKS = ["classification", "ner", "instruction"]
 SEED = 0
 
-# Per task: optimizer steps, batch size, max length, and per-method learning rates.
-SETTINGS: dict[str, dict[str, Any]] = {
-    "classification": {
-        "steps": 150, "batch_size": 32, "max_length": 64,
-        "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
+# Per base and task: optimizer steps, batch size, max length, LoRA rank and per-method learning rates.
+SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {  # randomly initialised: high rates
+        "classification": {
+            "steps": 150, "batch_size": 32, "max_length": 64, "rank": 8,
+            "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
+        },
+        "ner": {
+            "steps": 150, "batch_size": 16, "max_length": 64, "rank": 8,
+            "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
+        },
+        "instruction": {
+            "steps": 60, "batch_size": 8, "max_length": 256, "rank": 8,
+            "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
+        },
     },
-    "ner": {
-        "steps": 150, "batch_size": 16, "max_length": 64,
-        "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
-    },
-    "instruction": {
-        "steps": 60, "batch_size": 8, "max_length": 256,
-        "lr": {"lora": 2e-3, "qlora": 2e-3, "bottleneck": 3e-3, "full": 3e-4},
+    "smollm2-135m": {  # pretrained: the usual LoRA rates, a tenth of that for full fine-tuning
+        "classification": {
+            "steps": 300, "batch_size": 16, "max_length": 64, "rank": 16,
+            "lr": {"lora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "full": 5e-5},
+        },
+        "ner": {
+            "steps": 300, "batch_size": 16, "max_length": 64, "rank": 16,
+            "lr": {"lora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "full": 1e-4},
+        },
+        "instruction": {
+            "steps": 60, "batch_size": 8, "max_length": 256, "rank": 16,
+            "lr": {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 5e-4, "full": 2e-5},
+        },
     },
 }  # fmt: skip
 PRIMARY = {"classification": "accuracy", "ner": "f1", "instruction": "loss"}
 
 
-def prepare_data(root: Path, work: Path, sizes: dict[str, int]) -> dict[str, dict[str, Any]]:
+def prepare_data(root: Path, work: Path, sizes: dict[str, int], select: bool) -> dict[str, dict[str, Any]]:
     """Write the benchmark's train/eval files into `work`; returns paths and descriptions."""
     rng = random.Random(SEED)
     sst_train = (root / "sst2-glue" / "train.tsv").read_text().splitlines()
     header, rows = sst_train[0], sst_train[1:]
     sample = rng.sample(rows, sizes["classification"])
     (work / "sst2_train.tsv").write_text("\n".join([header, *sample]) + "\n")
+    sst_eval, sst_eval_name = root / "sst2-glue" / "test.tsv", "sst2-glue/test.tsv (872)"
+    if select:  # choosing settings: a seeded slice of the dev split, never the test split
+        dev = (root / "sst2-glue" / "dev.tsv").read_text().splitlines()
+        (work / "sst2_select.tsv").write_text(
+            "\n".join([dev[0], *random.Random(1).sample(dev[1:], 872)]) + "\n"
+        )
+        sst_eval, sst_eval_name = (
+            work / "sst2_select.tsv",
+            "872 seeded sst2-glue/dev.tsv sentences (--select)",
+        )
 
     def sentences(path: Path) -> list[str]:
         text = path.read_text().replace("en:", "")
@@ -81,9 +109,9 @@ def prepare_data(root: Path, work: Path, sizes: dict[str, int]) -> dict[str, dic
     (work / "alpaca_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in alpaca[cut:]))
     return {
         "classification": {
-            "data": work / "sst2_train.tsv", "eval": root / "sst2-glue" / "test.tsv",
+            "data": work / "sst2_train.tsv", "eval": sst_eval,
             "extra": ["--text-field", "sentence"],
-            "describe": f"SST-2: {len(sample)} sampled train sentences; eval sst2-glue/test.tsv (872)",
+            "describe": f"SST-2: {len(sample)} sampled train sentences; eval {sst_eval_name}",
         },
         "ner": {
             "data": work / "wikiann_train.conll", "eval": work / "wikiann_test.conll", "extra": [],
@@ -97,14 +125,15 @@ def prepare_data(root: Path, work: Path, sizes: dict[str, int]) -> dict[str, dic
 
 
 def run_one(
-    task: str, method: str, data: dict[str, Any], scale: float, registry: Path, threads: int
+    base: str, task: str, method: str, data: dict[str, Any], scale: float, registry: Path, threads: int
 ) -> dict[str, Any]:
     """Train one task x method through the CLI and return its manifest metrics."""
-    settings = SETTINGS[task]
+    settings = SETTINGS[base][task]
     steps = max(1, int(settings["steps"] * scale))
     name = f"bench-{task}-{method}"
     command = [
-        sys.executable, "-m", "trainers", task, "--base", "tiny", "--name", name,
+        sys.executable, "-m", "trainers", task, "--base", base, "--name", name,
+        "--rank", str(settings["rank"]),
         "--data", str(data["data"]), "--eval", str(data["eval"]), *data["extra"],
         "--method", method, "--max-steps", str(steps), "--batch-size", str(settings["batch_size"]),
         "--eval-batch-size", "64", "--max-length", str(settings["max_length"]),
@@ -121,16 +150,17 @@ def run_one(
     return {
         "task": task, "method": method, "steps": steps, "lr": settings["lr"][method],
         "metrics": manifest["metrics"], "wall_seconds": round(wall, 1),
+        "precision": manifest["trainer"].get("compute_precision", "fp32"),
     }  # fmt: skip
 
 
 def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The results table."""
     lines = [
-        "# Training quality (tiny base, randomly initialised, CPU)",
+        f"# Training quality ({meta.get('base', 'tiny')} base, CPU)",
         "",
-        f"Generated by `benchmarks/train_quality.py` on {meta['date']} ({meta['machine']}, "
-        f"{meta['threads']} torch thread(s), scale {meta['scale']}). Data:",
+        f"Generated by `benchmarks/train_quality.py --base {meta.get('base', 'tiny')}` on {meta['date']} "
+        f"({meta['machine']}, {meta['threads']} torch thread(s), scale {meta['scale']}). Data:",
         "",
         *[f"- {line}" for line in meta["data"]],
         "",
@@ -162,6 +192,11 @@ def markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines + extra) + "\n"
 
 
+def results_stem(base: str) -> str:
+    """`train_quality` for the toy of the first round, `train_quality_<base>` for every other base."""
+    return "train_quality" if base == "tiny" else f"train_quality_{base}"
+
+
 def combine(paths: list[Path], out: Path) -> int:
     """Merge result files of separate invocations (e.g. tasks run side by side) into one."""
     parts = [json.loads(path.read_text()) for path in paths]
@@ -171,14 +206,17 @@ def combine(paths: list[Path], out: Path) -> int:
         meta["scale"] = "mixed: see the steps column"
     results = [row for part in parts for row in part["results"]]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_quality.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    (out / "train_quality.md").write_text(markdown(results, meta))
+    stem = results_stem(meta.get("base", "tiny"))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(results, meta))
     print(markdown(results, meta))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="smollm2-135m", choices=sorted(SETTINGS))
+    parser.add_argument("--select", action="store_true", help="score classification on a dev slice")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -197,24 +235,27 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="train-quality-") as tmp:
         work = Path(tmp)
-        data = prepare_data(args.data_root, work, sizes)
+        data = prepare_data(args.data_root, work, sizes, args.select)
         for task in args.tasks:
             for method in args.methods:
-                row = run_one(task, method, data[task], args.scale, work / "registry", args.threads)
+                row = run_one(
+                    args.base, task, method, data[task], args.scale, work / "registry", args.threads
+                )
                 results.append(row)
                 print(json.dumps(row)[:400], flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)  # partial results survive a kill
-                (args.out / "train_quality.partial.json").write_text(json.dumps(results, indent=2))
+                partial = args.out / f"{results_stem(args.base)}.partial.json"
+                partial.write_text(json.dumps(results, indent=2))
     meta = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "threads": args.threads, "scale": args.scale, "seed": SEED,
-        "data": [data[t]["describe"] for t in args.tasks], "settings": SETTINGS,
+        "threads": args.threads, "scale": args.scale, "seed": SEED, "base": args.base,
+        "select": args.select, "data": [data[t]["describe"] for t in args.tasks],
+        "settings": SETTINGS[args.base],
     }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "train_quality.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=2) + "\n"
-    )
-    (args.out / "train_quality.md").write_text(markdown(results, meta))
+    stem = results_stem(args.base) + ("_select" if args.select else "")
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(results, meta))
     print(markdown(results, meta))
     return 0 if all("error" not in r for r in results) else 1
 
