@@ -131,6 +131,15 @@ class SequenceTooLongError(AdapterDockError, ValueError):
     default_remedy = "Shorten the input or ask for fewer new tokens."
 
 
+class NonFiniteOutputError(AdapterDockError, ArithmeticError):
+    """A forward pass produced NaN or infinite logits or hidden states for one request's row."""
+
+    default_remedy = (
+        "The adapter's weights (or its lora_alpha) overflow on this input; retrain or re-export it with "
+        "sane values, or try another prompt. Other requests are not affected."
+    )
+
+
 class ConcurrentForwardError(AdapterDockError, RuntimeError):
     """A forward pass started while another one runs: the engine runs one forward at a time."""
 
@@ -178,6 +187,7 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     SchedulerStoppedError: ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
     EngineCapacityError: ErrorSpec(503, "engine_full", "server_overloaded", retry_after=1),
     SequenceTooLongError: ErrorSpec(400, "input_too_long"),
+    NonFiniteOutputError: ErrorSpec(422, "non_finite_output"),
 }
 _INTERNAL = ErrorSpec(500, "internal_error", "server_error")
 

@@ -27,7 +27,7 @@ import torch
 
 from server.detokenize import SequenceOutput
 from server.engine import Engine, LoadedAdapter
-from server.errors import QueueFullError, SchedulerStoppedError, SequenceTooLongError
+from server.errors import NonFiniteOutputError, QueueFullError, SchedulerStoppedError, SequenceTooLongError
 from server.heads import CLASSIFICATION, NER, REWARD, task_result
 from server.requests import GenerationRequest, TaskInput, TokenEvent
 from server.sampling import new_generator, sample_tokens, suppress, token_logprobs
@@ -328,7 +328,10 @@ class Scheduler:
         self._emit(jobs, logits)
 
     def _emit(self, jobs: list[_GenJob], logits: torch.Tensor) -> None:
-        """Sample one token per job, push its event, retire the finished."""
+        """Sample one token per job, push its event, retire the finished (and rows gone non-finite)."""
+        jobs, logits = self._drop_non_finite(jobs, logits)
+        if not jobs:
+            return
         suppress(logits, [i for i, j in enumerate(jobs) if j.output.before_min_tokens], self._eos)
         tokens = sample_tokens(logits, [j.request for j in jobs], [j.generator for j in jobs])
         logprobs = token_logprobs(logits, tokens)
@@ -340,6 +343,29 @@ class Scheduler:
             if event.finish_reason is not None:
                 job.finished = True
                 self._retire(job)
+
+    def _drop_non_finite(
+        self, jobs: list[_GenJob], logits: torch.Tensor
+    ) -> tuple[list[_GenJob], torch.Tensor]:
+        """Fail (and retire) each job whose row of `logits` holds NaN or infinity; -> the others' rows.
+
+        A row's values never mix with another row's in the forward, so one adapter (or input) that
+        overflows costs its own request only; sampling it would pick garbage or make multinomial raise
+        for the whole batch.
+        """
+        finite = torch.isfinite(logits).all(dim=-1)
+        if bool(finite.all()):
+            return jobs, logits
+        keep = finite.nonzero().flatten()
+        for index in (~finite).nonzero().flatten().tolist():
+            job = jobs[index]
+            logger.warning(
+                "request %d produced non-finite logits (slot %d); failing it alone", job.seq_id, job.slot
+            )
+            job.finished = True
+            job.push(_non_finite(job.request.adapter))
+            self._retire(job)
+        return [jobs[i] for i in keep.tolist()], logits[keep]
 
     def _run_tasks(self) -> None:
         """One shared forward over pending task inputs of any adapters (up to max_task_rows)."""
@@ -359,7 +385,11 @@ class Scheduler:
                 [job.inputs[i].ids for job, i in batch], [job.adapter.slot for job, _ in batch]
             )
             pad = self.engine.config.pad_token_id
+            failed: dict[int, _TaskJob] = {}
             for (job, i), states in zip(batch, hidden, strict=True):
+                if not bool(torch.isfinite(states).all()):  # this input alone; the rest are answered
+                    failed[id(job)] = job
+                    continue
                 head, labels = job.adapter.head, job.adapter.labels
                 job.results[i] = task_result(job.kind, head, labels, job.inputs[i], states, pad)
         except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
@@ -367,10 +397,22 @@ class Scheduler:
             for job in {id(j): j for j, _ in batch}.values():
                 job.resolve(error=exc)
             return
+        for job in failed.values():
+            logger.warning(
+                "a %s input produced non-finite hidden states; failing its request alone", job.kind
+            )
+            job.resolve(error=_non_finite(job.adapter))
         for job, _ in batch:
+            if id(job) in failed:
+                continue
             job.done += 1
             if job.done == len(job.inputs):
                 job.resolve(job.results)
+
+
+def _non_finite(adapter: LoadedAdapter | None) -> NonFiniteOutputError:
+    who = f"adapter {adapter.key}" if adapter is not None else "the base model"
+    return NonFiniteOutputError(f"The forward pass of {who} produced non-finite (NaN or infinite) values.")
 
 
 def _validate(request: GenerationRequest, max_seq_len: int) -> None:
