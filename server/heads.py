@@ -1,10 +1,10 @@
 """Task heads over the base's final hidden states: classification, reward, and NER with BIO decoding.
 
-Pooling follows transformers' `LlamaForSequenceClassification` exactly (the rightmost token that is not
-the pad token); NER scores every token and decodes BIO tags into character spans using the fast
-tokenizer's offsets. `task_result` turns one input's hidden states into what its endpoint answers.
-Boundary: pure functions of hidden states, head weights and token offsets; no model, no batching, no
-HTTP.
+Pooling follows transformers' generic `*ForSequenceClassification` exactly, which every supported
+family (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3) uses: the rightmost token that is not the pad token.
+NER scores every token and decodes BIO tags into character spans using the fast tokenizer's offsets.
+`task_result` turns one input's hidden states into what its endpoint answers. Boundary: pure functions
+of hidden states, head weights and token offsets; no model, no batching, no HTTP.
 """
 
 from __future__ import annotations
