@@ -8,6 +8,8 @@ Guarantees:
 - bounded by count (`max_adapters`) and, optionally, bytes (`max_bytes`), evicting the least recently used
   idle, unpinned adapter first;
 - an adapter leased by an in-flight request (`acquire` ... `release`) is never evicted; pinned ones neither;
+- pins never take every slot: at most `max_adapters - 1` adapters are pinned (`PinLimitError` beyond), so
+  requests for unpinned adapters always have a slot to wait for;
 - concurrent first requests for one cold adapter share one load (single flight), and a load never blocks
   requests for other adapters;
 - when every slot is pinned or leased, loads wait first come first served, at most `wait_timeout` seconds,
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError
+from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError, PinLimitError
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +165,31 @@ class AdapterCache:
     async def pin(
         self, key: str, load: Callable[[], Any], *, nbytes_hint: int = 0, stamp: str = ""
     ) -> CacheEntry:
-        """Load `key` if needed and keep it resident until `unpin` or `unload`."""
+        """Load `key` if needed and keep it resident until `unpin` or `unload`.
+
+        Raises:
+            PinLimitError: `max_adapters - 1` other adapters are pinned already (nothing is loaded).
+            Whatever `acquire` raises.
+        """
+        self._check_pin_room(key)
         await self.acquire(key, load, nbytes_hint=nbytes_hint, stamp=stamp)
-        entry = self._entries[key]
-        if not entry.pinned:
-            entry.pinned = True
-            logger.info("pinned adapter %s", key)
-        self.release(key)
+        try:
+            self._check_pin_room(key)  # another pin may have landed while this one loaded
+            entry = self._entries[key]
+            if not entry.pinned:
+                entry.pinned = True
+                logger.info("pinned adapter %s", key)
+        finally:
+            self.release(key)
         return entry
+
+    def _check_pin_room(self, key: str) -> None:
+        pinned = sorted(e.key for e in self._entries.values() if e.pinned and e.key != key)
+        if len(pinned) >= self.max_adapters - 1:
+            raise PinLimitError(
+                f"Cannot pin {key}: {len(pinned)} of {self.max_adapters} adapter slots are pinned "
+                f"({', '.join(pinned) or 'none'}) and one must stay free for other adapters."
+            )
 
     def unpin(self, key: str) -> bool:
         """Let `key` be evicted again; False if it was not pinned."""

@@ -19,12 +19,13 @@ from hub.hub_http import PullLimits
 from hub.remote import HubClient
 from hub.store import LocalStore
 from server import leases
+from server.access import Access
 from server.adapter_cache import AdapterCache
 from server.config import ServerConfig
 from server.errors import install_error_handlers
 from server.feedback import routes as feedback
 from server.metrics import Metrics
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from server.middleware import AccessMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from server.resolver import Resolver
 from server.routes import adapters, health, lorax, openai, tasks
 from server.runtime import EngineLike, SchedulerLike, ServerState
@@ -96,8 +97,7 @@ def create_app(
         app.include_router(module.router)
     # Last added runs first: metrics see every response, auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    if config.api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=config.api_key)
+    app.add_middleware(AccessMiddleware, access=Access(config))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hub.errors import AdapterDockError
 from server.config import LOG_LEVELS, QUANTIZE_CHOICES, ServerConfig
+from server.feedback.auth import read_rater_tokens
 
 EPILOG = """\
 example:
@@ -27,7 +28,7 @@ example:
        -d '{"model": "my-instruct", "prompt": "Hello", "max_tokens": 16}'
 
 environment: ADAPTERDOCK_API_KEY (instead of --api-key), ADAPTERDOCK_RATER_TOKEN (instead of --rater-token),
-HF_TOKEN (token for --hub), ADAPTERDOCK_REGISTRY.
+ADAPTERDOCK_ADMIN_KEY (instead of --admin-key), HF_TOKEN (token for --hub), ADAPTERDOCK_REGISTRY.
 docs/server.md lists every endpoint."""
 
 
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     raters.add_argument("--rater-token", dest="rater_token", default=None, help=docs["rater_token"])
     raters.add_argument("--rater-token-file", dest="rater_token_file", type=Path, default=None,
                         help="File whose first line is the rater token (keeps it out of `ps`).")  # fmt: skip
+    raters.add_argument("--rater-tokens-file", dest="rater_tokens_file", type=Path, default=None,
+                        help="File of `rater_id:token` lines, one token per rater (# comments).")  # fmt: skip
+    admin = parser.add_mutually_exclusive_group()
+    admin.add_argument("--admin-key", dest="admin_key", default=None, help=docs["admin_key"])
+    admin.add_argument("--admin-key-file", dest="admin_key_file", type=Path, default=None,
+                       help="File whose first line is the admin key (keeps it out of `ps`).")  # fmt: skip
+    add("--max-judgements-per-rater", "max_judgements_per_rater", type=int, metavar="N")
     add("--feedback-db", "feedback_db", type=Path, metavar="FILE")
     add("--max-batch-size", "max_batch_size", type=int, metavar="N")
     add("--max-queue", "max_queue", type=int, metavar="N")
@@ -106,10 +114,20 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         rater_token = lines[0].strip() if lines else ""
     if rater_token is None:
         rater_token = os.environ.get("ADAPTERDOCK_RATER_TOKEN") or None
-    values = {k: v for k, v in vars(args).items() if k not in ("api_key_file", "rater_token_file")}
+    admin_key = args.admin_key
+    if args.admin_key_file is not None:
+        lines = args.admin_key_file.read_text(encoding="utf-8").splitlines()
+        admin_key = lines[0].strip() if lines else ""
+    if admin_key is None:
+        admin_key = os.environ.get("ADAPTERDOCK_ADMIN_KEY") or None
+    rater_tokens = read_rater_tokens(args.rater_tokens_file) if args.rater_tokens_file is not None else {}
+    files = ("api_key_file", "rater_token_file", "rater_tokens_file", "admin_key_file")
+    values = {k: v for k, v in vars(args).items() if k not in files}
     values.update(
         api_key=api_key,
         rater_token=rater_token,
+        rater_tokens=rater_tokens,
+        admin_key=admin_key,
         preload=tuple(args.preload),
         hub_token=os.environ.get("HF_TOKEN"),
     )

@@ -50,7 +50,14 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)
     """Bearer key every endpoint but /health requires; None disables auth."""
     rater_token: str | None = field(default=None, repr=False)
-    """Separate bearer token that opens only the human feedback rating page and endpoints; never logged."""
+    """One rater's bearer token (rater id `rater`): opens only the rating page and endpoints; never logged."""
+    rater_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    """Rater id -> bearer token, one per rater (`--rater-tokens-file`: `rater_id:token` lines); not logged."""
+    admin_key: str | None = field(default=None, repr=False)
+    """Bearer key for pinning, unpinning and unloading adapters (and all the API key opens); None leaves
+    those to the API key."""
+    max_judgements_per_rater: int = 10000
+    """Most judgements one rater may record (changing one does not count); beyond it 429."""
     feedback_db: Path | None = None
     """Human feedback database (answer pairs and judgements); None uses <registry>/feedback.sqlite."""
     max_batch_size: int = 16
@@ -71,6 +78,21 @@ class ServerConfig:
     """Seconds a request waits for an adapter slot when every slot is pinned or in use (then 503)."""
     log_level: str = "info"
     """Logging level of the server and uvicorn."""
+
+    def _access_problems(self) -> list[str]:
+        """Empty or shared secrets: every credential must be distinct, or one role would open another's."""
+        problems = []
+        if self.admin_key is not None and not self.admin_key.strip():
+            problems.append("admin_key is empty")
+        keys = (self.api_key, self.admin_key, self.rater_token, *self.rater_tokens.values())
+        secrets = [key for key in keys if key]
+        if len(set(secrets)) != len(secrets):
+            problems.append("api_key, admin_key and the rater tokens must all differ")
+        if any(not token.strip() for token in self.rater_tokens.values()):
+            problems.append("a rater token is empty")
+        if self.rater_token and "rater" in self.rater_tokens:
+            problems.append("rater_token (rater id 'rater') and rater_tokens both name rater 'rater'")
+        return problems
 
     @property
     def max_adapter_bytes(self) -> int | None:
@@ -102,6 +124,7 @@ class ServerConfig:
             "default_max_tokens",
             "max_inputs_per_request",
             "max_body_bytes",
+            "max_judgements_per_rater",
             "hub_max_pulls",
         ):
             if getattr(self, name) < 1:
@@ -118,6 +141,7 @@ class ServerConfig:
             problems.append("rater_token is empty")
         if self.rater_token and self.rater_token == self.api_key:
             problems.append("rater_token equals api_key; raters would get full access")
+        problems += self._access_problems()
         if problems:
             raise ServerConfigError("Invalid server configuration: " + "; ".join(problems) + ".")
         return self

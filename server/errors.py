@@ -32,6 +32,7 @@ from hub.errors import (
     InvalidReferenceError,
     ManifestError,
 )
+from server.feedback.store import RaterLimitError
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,19 @@ class AdapterInUseError(AdapterDockError, RuntimeError):
     """An unload asked for an adapter that in-flight requests still use."""
 
     default_remedy = "Retry when its requests have finished."
+
+
+class PinLimitError(AdapterDockError, RuntimeError):
+    """Pinning this adapter would leave no adapter slot for anything else."""
+
+    default_remedy = "Unpin another adapter first, or restart with a larger --max-adapters."
+
+
+class ForbiddenError(AdapterDockError, PermissionError):
+    """Valid credentials without the right for this route (an inference key on an admin route, a rater
+    acting as another rater)."""
+
+    default_remedy = "Use a key with this right (the admin key for pins and unloads)."
 
 
 class AdapterTooLargeError(AdapterDockError, MemoryError):
@@ -165,6 +179,9 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     BaseMismatchError: ErrorSpec(409, "base_mismatch"),
     FullModelError: ErrorSpec(409, "adapter_is_full_model"),
     AdapterInUseError: ErrorSpec(409, "adapter_in_use"),
+    PinLimitError: ErrorSpec(409, "pin_limit"),
+    ForbiddenError: ErrorSpec(403, "forbidden", "permission_error"),
+    RaterLimitError: ErrorSpec(429, "rater_limit", "rate_limit_error"),
     WrongTaskError: ErrorSpec(400, "wrong_task"),
     InputTooLongError: ErrorSpec(400, "input_too_long"),
     InvalidInputError: ErrorSpec(400, "invalid_input"),

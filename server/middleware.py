@@ -1,25 +1,24 @@
-"""ASGI middleware at the server's edge: request metrics, API-key auth, and the request body size limit.
+"""ASGI middleware at the server's edge: request metrics, access (keys and tokens), and the body size limit.
 
 Boundary: pure ASGI (no buffering of responses, so server-sent event streams pass through untouched). Errors
-are answered in OpenAI's shape through `server.errors`; nothing here knows adapters beyond the metrics label
-a route leaves in `scope["state"]["adapter"]`.
+are answered in OpenAI's shape through `server.errors`; who may call what is `server.access`'s; nothing here
+knows adapters beyond the metrics label a route leaves in `scope["state"]["adapter"]`.
 """
 
 from __future__ import annotations
 
-import hmac
 import time
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationError, BodyTooLargeError, error_response
-from server.feedback.auth import RATER_PATHS
+from server.access import Access
+from server.errors import AuthenticationError, BodyTooLargeError, ForbiddenError, error_response
+from server.feedback.auth import PAGE_PATH
 from server.metrics import NO_ADAPTER, Metrics
 
-PUBLIC_PATHS = frozenset({"/health"}) | RATER_PATHS
-"""Paths served without an API key: /health, and the rating paths, whose rule (API key or rater token)
-`server.feedback.auth` holds and the rating routes apply before reading a body."""
+PAGE_CHALLENGE = 'Basic realm="adapterdock feedback", charset="UTF-8"'
+"""Asked of a browser opening /feedback without a token, so it prompts for one (the token as password)."""
 
 
 class MetricsMiddleware:
@@ -61,30 +60,33 @@ class MetricsMiddleware:
             record()
 
 
-class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` on every path but /health; compares in constant time."""
+class AccessMiddleware:
+    """Checks every request's credential against `server.access.Access` before its body is read.
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    A refused request gets 401 (403 for a valid key without the right) and its body is never parsed; an
+    accepted one carries its `Principal` in `scope["state"]["principal"]` for the routes (rater identity,
+    admin rights).
+    """
+
+    def __init__(self, app: ASGIApp, access: Access) -> None:
         self.app = app
-        self._key = api_key.encode()
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if not self._authorized(scope):
-            missing = not _header(scope, b"authorization")
-            problem = "Missing API key." if missing else "Invalid API key."
-            await error_response(AuthenticationError(problem))(scope, receive, send)
+        authorization = _header(scope, b"authorization").decode("latin-1")
+        try:
+            principal = self.access.check(scope["method"], scope["path"], authorization)
+        except (AuthenticationError, ForbiddenError) as exc:
+            response = error_response(exc)
+            if scope["path"] == PAGE_PATH and response.status_code == 401:
+                response.headers["WWW-Authenticate"] = PAGE_CHALLENGE
+            await response(scope, receive, send)
             return
+        scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
-
-    def _authorized(self, scope: Scope) -> bool:
-        value = _header(scope, b"authorization")
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        return hmac.compare_digest(token.strip(), self._key)
 
 
 class _BodyTooLarge(HTTPException):

@@ -1,46 +1,75 @@
-"""Who may use the rating paths: the API key, or the separate rater token that opens nothing else.
+"""Raters: which paths are the rating paths, the rater tokens file, and whose judgement a request records.
 
-The API-key middleware (`server.middleware`) lets `RATER_PATHS` through without the API key; the rating
-routes then call `check_rater_access`, which accepts either token. Boundary: the rule only (which paths,
-which tokens); no routes, no storage, so the middleware can import it without importing a route.
+A rater token stands for one rater id: `--rater-token` for one rater (`SINGLE_RATER_ID`), or a tokens file
+(`read_rater_tokens`) for many. `rater_for` takes the rater of a request from its token, never from what the
+client sends; the API key (an operator's script) names the rater in the request. Checking credentials is
+`server.access`'s (applied by the middleware before any body is read). Boundary: the rule only; no routes,
+no storage.
 """
 
 from __future__ import annotations
 
-import hmac
+from pathlib import Path
+from typing import Any
 
-from server.config import ServerConfig
-from server.errors import AuthenticationError
+from server.errors import ForbiddenError, ServerConfigError
+from server.feedback.records import MAX_RATER_LENGTH, InvalidJudgementError, check_rater
 
-RATER_PATHS = frozenset({"/feedback", "/v1/feedback", "/v1/feedback/next", "/v1/feedback/progress"})
-"""The rating page and the endpoints it calls: authenticated by `check_rater_access`, not the middleware."""
-
-
-def rater_token(config: ServerConfig) -> str | None:
-    """The separate rater token the server runs with, if any."""
-    return config.rater_token or None
+PAGE_PATH = "/feedback"
+RATER_PATHS = frozenset({PAGE_PATH, "/v1/feedback", "/v1/feedback/next", "/v1/feedback/progress"})
+"""The rating page and the endpoints it calls: a rater token, the API key or the admin key opens them."""
+SINGLE_RATER_ID = "rater"
+"""The rater id of the one token given with `--rater-token` (a tokens file names each rater)."""
 
 
-def check_rater_access(authorization: str, config: ServerConfig) -> None:
-    """Accept the API key or the rater token as a bearer token (open when the server has neither).
+def read_rater_tokens(path: Path) -> dict[str, str]:
+    """Parse a rater tokens file: one `rater_id:token` per line; blank lines and `#` comments are skipped.
 
-    Args:
-        authorization: the request's `Authorization` header ("" when absent).
-        config: the server's settings (`api_key`, `rater_token`).
+    Returns:
+        rater id -> token.
 
     Raises:
-        AuthenticationError: a missing or wrong bearer token.
+        ServerConfigError: listing every bad line by number (never showing a token).
     """
-    keys = [k.encode() for k in (config.api_key, rater_token(config)) if k]
-    if not keys:
-        return
-    scheme, _, token = authorization.partition(" ")
-    given = token.strip().encode()
-    # Compare against every key (no short-circuit), in constant time.
-    matches = [hmac.compare_digest(given, key) for key in keys]
-    if scheme.lower() == "bearer" and any(matches):
-        return
-    problem = "Invalid rater token." if authorization else "Missing rater token."
-    raise AuthenticationError(
-        problem, "Send `Authorization: Bearer <token>` with the server's rater token (or API key)."
-    )
+    tokens: dict[str, str] = {}
+    problems = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        rater, sep, token = (part.strip() for part in line.partition(":"))
+        if not sep or not token:
+            problems.append(f"line {number} is not `rater_id:token`")
+        elif not rater or len(rater) > MAX_RATER_LENGTH or not rater.isprintable():
+            problems.append(f"line {number}: the rater id is not 1 to {MAX_RATER_LENGTH} printable chars")
+        elif rater in tokens:
+            problems.append(f"line {number}: rater {rater!r} appears twice")
+        else:
+            tokens[rater] = token
+    if problems:
+        raise ServerConfigError(f"Rater tokens file {path}: " + "; ".join(problems) + ".")
+    return tokens
+
+
+def rater_for(principal: Any, given: str | None) -> str:
+    """The rater a request acts as: its token's rater id, else the name it sends (API key, open server).
+
+    Args:
+        principal: the request's `server.access.Principal` (None on an app without the middleware).
+        given: the `rater` the client sent, if any.
+
+    Raises:
+        ForbiddenError: a rater token used to act as another rater.
+        InvalidJudgementError: no rater named where the credential names none.
+    """
+    token_rater = getattr(principal, "rater", None)
+    if token_rater is not None:
+        if given is not None and given.strip() != token_rater:
+            raise ForbiddenError(
+                f"This rater token belongs to rater {token_rater!r}; it cannot act as {given.strip()!r}.",
+                "Leave `rater` out (the token says who you are), or send your own rater id.",
+            )
+        return token_rater
+    if given is None:
+        raise InvalidJudgementError("Name the rater: send `rater` (rater tokens name themselves).")
+    return check_rater(given)

@@ -4,14 +4,16 @@
   with different seeds or one from each of `model` and `model_b`, generated through the same
   resolver -> adapter lease -> scheduler path as the completions endpoints, stored with a `pair_id`.
 - `POST /v1/feedback`: one rater's choice on a pair (`a` | `b` | `tie` | `both_bad`, or `left` /
-  `right` as the page showed it); idempotent per rater and pair, a changed mind is `replaced`.
-- `GET /v1/feedback/next?rater=`: the next pair that rater has not judged, answers as left/right in
+  `right` as the page showed it); idempotent per rater and pair, a changed mind is `replaced`; at most
+  `--max-judgements-per-rater` per rater, comments up to MAX_COMMENT_LENGTH characters.
+- `GET /v1/feedback/next[?rater=]`: the next pair that rater has not judged, answers as left/right in
   a per-rater shuffled order, without saying which adapter made which (mapped back server-side).
 - `GET /v1/feedback/progress[?rater=]` and `GET /feedback` (the page, `server/static/feedback.html`).
 
-Access: the rating paths (`server.feedback.auth.RATER_PATHS`) are checked here, before the body, by
-`server.feedback.auth`: the API key or the separate rater token (`ServerConfig.rater_token`), which opens
-nothing else. Boundary: HTTP only; storage is `server.feedback.store`; leases, requests and generation are
+Access: the middleware (`server.access`) checks every path before its body is read: a rater token, the API
+key or the admin key for the rating paths. The rater is the one the token stands for (`rater_for`); a rater
+token cannot act as another rater, and only the API key's holder names raters freely.
+Boundary: HTTP only; storage is `server.feedback.store`; leases, requests and generation are
 `server.leases`, `server.requests` and `server.streams`.
 """
 
@@ -32,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from server import leases, streams
 from server.config import ServerConfig
 from server.errors import InvalidInputError
-from server.feedback.auth import check_rater_access
+from server.feedback.auth import rater_for
 from server.feedback.records import MAX_COMMENT_LENGTH, MAX_RATER_LENGTH, VIEW_CHOICES, Pair, to_view
 from server.feedback.store import FeedbackStore, default_db_path
 from server.prompts import chat_ids, check_length, check_max_tokens
@@ -50,7 +52,7 @@ PAGE_CHOICES = ["left", "right", "tie", "both_bad"]
 """What the page offers, keys 1-4 (left/right are mapped back to a/b per rater)."""
 _SEED_RANGE = 2**31
 
-Rater = Annotated[str, Query(min_length=1, max_length=MAX_RATER_LENGTH)]
+Rater = Annotated[str | None, Query(min_length=1, max_length=MAX_RATER_LENGTH)]
 StopText = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
 
 
@@ -83,7 +85,8 @@ class JudgementRequest(BaseModel):
 
     pair_id: str = Field(min_length=1, max_length=64)
     choice: Literal["a", "b", "tie", "both_bad", "left", "right"]
-    rater: str = Field(min_length=1, max_length=MAX_RATER_LENGTH)
+    rater: str | None = Field(default=None, min_length=1, max_length=MAX_RATER_LENGTH)
+    """Who judges; with a rater token, the token's rater (leave it out, or send that id)."""
     comment: str | None = Field(default=None, max_length=MAX_COMMENT_LENGTH)
 
 
@@ -104,10 +107,13 @@ async def open_store(request: Request, state: ServerState) -> FeedbackStore:
 
 
 async def rater_store(request: Request) -> FeedbackStore:
-    """Dependency of the rating routes: access checked first (before the body), then the store."""
-    state: ServerState = request.app.state.server
-    check_rater_access(request.headers.get("authorization", ""), state.config)
-    return await open_store(request, state)
+    """Dependency of the rating routes: the store (access was checked by the middleware, before the body)."""
+    return await open_store(request, request.app.state.server)
+
+
+def principal(request: Request) -> Any:
+    """The request's `server.access.Principal`, as the access middleware left it."""
+    return request.scope.get("state", {}).get("principal")
 
 
 RaterStore = Annotated[FeedbackStore, Depends(rater_store)]
@@ -166,9 +172,13 @@ async def create_pair(body: PairRequest, request: Request, state: State) -> dict
 
 
 @router.post("/v1/feedback")
-async def judge(body: JudgementRequest, store: RaterStore) -> dict[str, Any]:
+async def judge(body: JudgementRequest, request: Request, store: RaterStore) -> dict[str, Any]:
     """Record one rater's choice; the same again is `unchanged`, a different one `replaced`."""
-    result = await asyncio.to_thread(store.judge, body.pair_id, body.rater, body.choice, body.comment or "")
+    rater = rater_for(principal(request), body.rater)
+    limit = request.app.state.server.config.max_judgements_per_rater
+    result = await asyncio.to_thread(
+        store.judge, body.pair_id, rater, body.choice, body.comment or "", max_per_rater=limit
+    )
     by_view = body.choice in VIEW_CHOICES
     previous = None
     if result.previous is not None:
@@ -186,17 +196,22 @@ async def judge(body: JudgementRequest, store: RaterStore) -> dict[str, Any]:
 
 
 @router.get("/v1/feedback/next")
-async def next_pair(store: RaterStore, rater: Rater) -> dict[str, Any]:
+async def next_pair(request: Request, store: RaterStore, rater: Rater = None) -> dict[str, Any]:
     """The oldest pair this rater has not judged, answers shuffled per rater; `pair` null when done."""
+    rater = rater_for(principal(request), rater)
     pair, progress = await asyncio.to_thread(_next_and_progress, store, rater)
-    return {"object": "feedback.next", "rater": rater.strip(), "pair": pair, "progress": progress}
+    return {"object": "feedback.next", "rater": rater, "pair": pair, "progress": progress}
 
 
 @router.get("/v1/feedback/progress")
 async def progress(
-    store: RaterStore, rater: Annotated[str | None, Query(max_length=MAX_RATER_LENGTH)] = None
+    request: Request,
+    store: RaterStore,
+    rater: Annotated[str | None, Query(max_length=MAX_RATER_LENGTH)] = None,
 ) -> dict[str, Any]:
-    """Pairs, judgements and raters; with `rater`, what they rated and what is pending."""
+    """Pairs, judgements and raters; with `rater` (a rater token: its own), what they rated and pending."""
+    if rater is not None:
+        rater = rater_for(principal(request), rater)
     counts = await asyncio.to_thread(store.progress, rater)
     return {"object": "feedback.progress", **counts}
 

@@ -87,6 +87,12 @@ class FeedbackDatabaseNotFoundError(AdapterDockError, FileNotFoundError):
     )
 
 
+class RaterLimitError(AdapterDockError, RuntimeError):
+    """A rater has recorded as many judgements as the server allows one rater (HTTP 429)."""
+
+    default_remedy = "Change an earlier judgement instead, or ask for a higher --max-judgements-per-rater."
+
+
 class PairNotFoundError(AdapterDockError, LookupError):
     """No answer pair with that id."""
 
@@ -236,16 +242,22 @@ class FeedbackStore:
         return None if row is None else _pair(row)
 
     # ---- judgements ------------------------------------------------------------------------
-    def judge(self, pair_id: str, rater: str, choice: str, comment: str = "") -> JudgeResult:
+    def judge(
+        self, pair_id: str, rater: str, choice: str, comment: str = "", *, max_per_rater: int | None = None
+    ) -> JudgeResult:
         """Record `rater`'s choice on a pair, idempotently.
 
         The same judgement again changes nothing (`unchanged`); a different one replaces the
         previous (`replaced`, with `previous` set). `choice` may be left/right as the page shows
         the pair to this rater.
 
+        Args:
+            max_per_rater: most judgements one rater may have recorded (replacing one is always allowed).
+
         Raises:
             InvalidJudgementError: unknown choice, bad rater name, or an overlong comment.
             PairNotFoundError: no such pair.
+            RaterLimitError: a new judgement beyond `max_per_rater`.
         """
         rater = check_rater(rater)
         comment = (comment or "").strip()
@@ -267,6 +279,11 @@ class FeedbackStore:
                 "SELECT * FROM judgements WHERE pair_id = ? AND rater = ?", (pair_id, rater)
             ).fetchone()
             now = utc_now()
+            if old is None and max_per_rater is not None:
+                query = "SELECT COUNT(*) FROM judgements WHERE rater = ?"
+                (count,) = conn.execute(query, (rater,)).fetchone()
+                if count >= max_per_rater:
+                    raise RaterLimitError(f"Rater {rater!r} has recorded {count} judgements, the limit.")
             if old is None:
                 conn.execute(
                     "INSERT INTO judgements(pair_id, rater, choice, comment, swapped, created_at, updated_at)"

@@ -1,6 +1,7 @@
 """Adapter management: `GET /v1/adapters`, `POST /v1/adapters/load`, `DELETE /v1/adapters/{ref}`,
 `POST /v1/adapters/{ref}/pin` and `/unpin`.
 
+Pinning, unpinning and unloading are admin rights (`server.access`: the admin key when the server has one).
 Boundary: residency on this server only. Loading, pinning and unloading change what sits in the engine's
 slots; the registry itself is never modified here (`adapterdock hub` does that).
 """
@@ -15,6 +16,7 @@ from fastapi import APIRouter, Request
 from hub.errors import AdapterNotFoundError
 from hub.manifest import Manifest
 from server import leases
+from server.access import require_admin
 from server.adapter_cache import CacheEntry
 from server.resolver import parse_reference
 from server.runtime import ServerState, State
@@ -45,8 +47,10 @@ async def list_adapters(state: State) -> dict[str, Any]:
 
 @router.post("/v1/adapters/load")
 async def load_adapter(body: LoadAdapterRequest, request: Request, state: State) -> dict[str, Any]:
-    """Load an adapter of any task now (and pin it with `pin: true`)."""
+    """Load an adapter of any task now (and pin it with `pin: true`, which needs the admin key if any)."""
     assert state.cache is not None
+    if body.pin:
+        require_admin(request.scope.get("state", {}).get("principal"), state.config, "Pinning an adapter")
     resolved = await leases.resolve(state, request, body.adapter, None, body.adapter_source)
     if body.pin:
         entry = await leases.pin(state, resolved)

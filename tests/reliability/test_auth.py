@@ -50,7 +50,7 @@ def test_key_comparison_is_constant_time(tmp_path: Path, monkeypatch: pytest.Mon
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("server.middleware.hmac.compare_digest", spy)
+    monkeypatch.setattr("server.access.hmac.compare_digest", spy)
     store = LocalStore(tmp_path / "registry")
     populate(store)
     with FakeServer(store, api_key=KEY) as server:

@@ -393,18 +393,26 @@ def test_unreachable_hub_is_a_502_for_that_request_only(live: ServerProcess, sol
 
 
 def test_no_free_adapter_slot_is_503_with_retry_after(spare: ServerProcess, solo: dict[str, str]):
+    """One slot pinned (pins never take the last one: the second pin is a 409), the other leased by a
+    long stream: a request for a third adapter waits --adapter-wait-timeout (1 s), then 503."""
     wait_ready(spare)
+    body = {"model": "load-10", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with httpx.Client(base_url=spare.url, timeout=60) as client:
-        for name in ("load-08", "load-09"):  # both slots pinned
-            assert client.post(f"/v1/adapters/{name}/pin").json()["pinned"]
-        body = {"model": "load-10", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
-        busy = client.post("/v1/completions", json=body)
+        assert client.post("/v1/adapters/load-08/pin").json()["pinned"]
+        refused = client.post("/v1/adapters/load-09/pin")
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "pin_limit", refused.text
+        long = {**body, "model": "load-09", "max_tokens": 256, "stream": True}
+        with client.stream("POST", "/v1/completions", json=long) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if line.startswith("data:"))  # load-09 holds the free slot
+            busy = client.post("/v1/completions", json=body)
+            for _ in lines:  # read the stream to its end: the lease is released
+                pass
         assert busy.status_code == 503, busy.text
         assert busy.headers["retry-after"].isdigit()
         assert busy.json()["error"]["code"] == "adapter_slots_busy"
         assert client.post("/v1/completions", json={**body, "model": "load-08"}).status_code == 200
-        for name in ("load-08", "load-09"):
-            client.post(f"/v1/adapters/{name}/unpin")
+        client.post("/v1/adapters/load-08/unpin")
         served = client.post("/v1/completions", json=body)
     assert served.status_code == 200 and served.json()["choices"][0]["text"] == solo["load-10"]
 

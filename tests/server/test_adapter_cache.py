@@ -11,7 +11,7 @@ import pytest
 
 from hub.errors import CorruptAdapterError
 from server.adapter_cache import AdapterCache
-from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError
+from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError, PinLimitError
 
 
 @dataclass
@@ -183,15 +183,16 @@ def test_unload_refuses_in_use_and_unpin_allows_eviction():
     loader = Loader()
 
     async def scenario() -> None:
-        cache = AdapterCache(loader.unload, max_adapters=1)
+        cache = AdapterCache(loader.unload, max_adapters=2)  # pins leave a slot free: 1 slot cannot pin
         await cache.acquire("a", loader.load("a"))
         with pytest.raises(AdapterInUseError):
             await cache.unload("a")
         cache.release("a")
         await cache.pin("a", loader.load("a"))
         assert cache.unpin("a") and not cache.unpin("a")
-        await cache.acquire("b", loader.load("b"))  # "a" is evictable again
-        cache.release("b")
+        for key in ("b", "c"):  # "a" is evictable again: "c" evicts it
+            await cache.acquire(key, loader.load(key))
+            cache.release(key)
         assert await cache.unload("b") and not await cache.unload("b")
 
     run(scenario())
@@ -229,3 +230,25 @@ def test_a_cancelled_waiter_does_not_leak_a_lease():
         return cache
 
     assert run(scenario()).get("a").leases == 1
+
+
+def test_pins_never_take_every_slot():
+    loader = Loader()
+
+    async def scenario() -> None:
+        cache = AdapterCache(loader.unload, max_adapters=3, wait_timeout=0.2)
+        await cache.pin("a", loader.load("a"))
+        await cache.pin("b", loader.load("b"))
+        with pytest.raises(PinLimitError, match="2 of 3 adapter slots are pinned"):
+            await cache.pin("c", loader.load("c"))
+        assert cache.get("c") is None  # refused before loading
+        await cache.pin("a", loader.load("a"))  # pinning a pinned one again is fine
+        await cache.acquire("c", loader.load("c"))  # the free slot serves the rest
+        cache.release("c")
+        cache.unpin("b")
+        await cache.pin("c", loader.load("c"))
+        with pytest.raises(PinLimitError):
+            await AdapterCache(loader.unload, max_adapters=1).pin("x", loader.load("x"))
+
+    run(scenario())
+    assert loader.loads.count("c") == 1

@@ -68,12 +68,19 @@ def test_loading_refuses_foreign_and_full_models(server: FakeServer):
 
 def test_all_slots_busy_gives_503_with_retry_after(server: FakeServer):
     client = server.client
-    client.post("/v1/adapters/chat@1/pin")
-    client.post("/v1/adapters/chat@2/pin")
-    response = complete(server, "other")
+    assert client.post("/v1/adapters/chat@1/pin").json()["pinned"]
+    refused = client.post("/v1/adapters/chat@2/pin")  # pins never take the last slot
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "pin_limit"
+    server.engine.gate = threading.Event()  # chat@2's load holds the free slot
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(complete, server, "chat@2")
+        time.sleep(0.2)
+        response = complete(server, "other")
+        server.engine.gate.set()
+        assert loading.result().status_code == 200
+    server.engine.gate = None
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "adapter_slots_busy"
-    client.post("/v1/adapters/chat@2/unpin")
     assert complete(server, "other").status_code == 200
 
 

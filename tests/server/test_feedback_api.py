@@ -10,7 +10,6 @@ import pytest
 from hub.store import LocalStore
 from server.feedback.auth import RATER_PATHS
 from server.feedback.store import FeedbackStore
-from server.middleware import PUBLIC_PATHS
 from tests.server.fakes import FakeServer, populate
 
 API_KEY = "admin-key"
@@ -128,7 +127,7 @@ def test_judge_is_idempotent_and_reports_replacements(secured: FakeServer):
     pair_id = make_pair(secured)["pair_id"]
 
     def judge(choice: str, comment: str | None = None) -> dict:
-        body = {"pair_id": pair_id, "choice": choice, "rater": "ann", "comment": comment}
+        body = {"pair_id": pair_id, "choice": choice, "comment": comment}  # the token says who rates
         response = secured.client.post("/v1/feedback", json=body, headers=RATER)
         assert response.status_code == 200, response.text
         return response.json()
@@ -137,7 +136,7 @@ def test_judge_is_idempotent_and_reports_replacements(secured: FakeServer):
     replaced = judge("tie", "both fine")
     assert (replaced["status"], replaced["previous"]) == ("replaced", "a")
     [stored] = db(secured).judgements(pair_id)
-    assert (stored.rater, stored.choice, stored.comment) == ("ann", "tie", "both fine")
+    assert (stored.rater, stored.choice, stored.comment) == ("rater", "tie", "both fine")
 
 
 def test_next_hides_the_models_and_left_right_maps_back(fresh: FakeServer):
@@ -161,7 +160,7 @@ def test_next_hides_the_models_and_left_right_maps_back(fresh: FakeServer):
 
 def test_changed_view_choice_reports_previous_in_view_terms(secured: FakeServer):
     pair_id = make_pair(secured, model_b="other")["pair_id"]
-    body = {"pair_id": pair_id, "choice": "left", "rater": "vic"}
+    body = {"pair_id": pair_id, "choice": "left", "rater": "rater"}  # `--rater-token`'s rater id
     secured.client.post("/v1/feedback", json=body, headers=RATER)
     answer = secured.client.post("/v1/feedback", json={**body, "choice": "right"}, headers=RATER).json()
     assert (answer["status"], answer["previous"]) == ("replaced", "left")
@@ -191,7 +190,7 @@ def test_next_and_progress_walk_through_every_pair(fresh: FakeServer):
         ({"pair_id": "pair-missing", "choice": "a", "rater": "x"}, 404),
         ({"choice": "best", "rater": "x"}, 422),
         ({"choice": "a", "rater": "   "}, 400),
-        ({"choice": "a"}, 422),
+        ({"choice": "a"}, 400),  # no rater named, and no rater token to name one
     ],
 )
 def test_bad_judgements(fresh: FakeServer, body: dict, status: int):
@@ -204,9 +203,9 @@ def test_bad_judgements(fresh: FakeServer, body: dict, status: int):
 def test_rater_token_opens_only_the_rating_endpoints(secured: FakeServer):
     client = secured.client
     pair_id = make_pair(secured)["pair_id"]
-    judgement = {"pair_id": pair_id, "choice": "b", "rater": "tok"}
+    judgement = {"pair_id": pair_id, "choice": "b", "rater": "rater"}  # `--rater-token`'s rater id
     for headers in (RATER, ADMIN):
-        assert client.get("/v1/feedback/next?rater=tok", headers=headers).status_code == 200
+        assert client.get("/v1/feedback/next?rater=rater", headers=headers).status_code == 200
         assert client.get("/v1/feedback/progress", headers=headers).status_code == 200
         assert client.post("/v1/feedback", json=judgement, headers=headers).status_code == 200
     wrong = {"Authorization": "Bearer nope"}
@@ -216,7 +215,7 @@ def test_rater_token_opens_only_the_rating_endpoints(secured: FakeServer):
         ({"Authorization": RATER_TOKEN}, "Invalid"),
     ):
         for response in (
-            client.get("/v1/feedback/next?rater=tok", headers=headers),
+            client.get("/v1/feedback/next?rater=rater", headers=headers),
             client.get("/v1/feedback/progress", headers=headers),
             client.post("/v1/feedback", json=judgement, headers=headers),
         ):
@@ -245,13 +244,13 @@ def test_api_key_alone_guards_the_rating_endpoints(shared_store: LocalStore, tmp
 
 
 def test_page_is_served_with_a_nonce_policy(secured: FakeServer):
-    response = secured.client.get("/feedback")
+    response = secured.client.get("/feedback", headers=RATER)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     nonce = re.search(r"script-src 'nonce-([\w-]+)'", response.headers["content-security-policy"]).group(1)
     assert f'<script nonce="{nonce}">' in response.text and "__NONCE__" not in response.text
     assert "connect-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["cache-control"] == "no-store"
-    again = secured.client.get("/feedback").headers["content-security-policy"]
+    again = secured.client.get("/feedback", headers=RATER).headers["content-security-policy"]
     assert nonce not in again  # fresh per response
     for key in ('data-choice="left"', 'data-choice="both_bad"', "/v1/feedback/next", "Bearer "):
         assert key in response.text
@@ -265,10 +264,10 @@ def test_default_feedback_db_is_beside_the_registry(shared_store: LocalStore):
 
 
 def test_the_server_mounts_and_configures_feedback(shared_store: LocalStore, tmp_path):
-    """create_app mounts the routes, the middleware leaves the rater paths to them, serve takes the flags."""
+    """create_app mounts the routes (the page too), serve takes the flags."""
     from server import cli
 
-    assert RATER_PATHS <= PUBLIC_PATHS
+    assert "/feedback" in RATER_PATHS
     client = FakeServer(shared_store).client  # not started: no engine, but the page needs none
     assert client.get("/feedback").status_code == 200
     db_path = tmp_path / "fb.sqlite"

@@ -68,7 +68,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Feedba
     registry = LocalStore(root / "registry")
     register(registry, "chat")
     db_path = root / "feedback.sqlite"
-    fake = FakeServer(registry, api_key=API_KEY, rater_token=RATER_TOKEN, feedback_db=db_path)
+    fake = FakeServer(registry, api_key=API_KEY, rater_tokens={"alice": RATER_TOKEN}, feedback_db=db_path)
     store = FeedbackStore(db_path)
     pairs = [
         store.add_pair(prompt, a, b, adapter_a="chat", version_a=1, adapter_b="tiny", version_b=None)
@@ -125,7 +125,9 @@ def test_rate_pairs_in_chromium(live: tuple[str, FeedbackStore, list[Pair]], tmp
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 720})
+            # The page itself needs a credential: a browser answers its Basic challenge with the token.
+            credentials = {"username": rater, "password": RATER_TOKEN}
+            page = browser.new_page(viewport={"width": 1200, "height": 720}, http_credentials=credentials)
             problems: list[str] = []
             page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: problems.append(str(e)))

@@ -29,7 +29,9 @@ from tests.server.test_integration_server import free_port, stop_server, wait_re
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(300)]
 
 REPO = Path(__file__).resolve().parents[2]
-API_KEY, RATER_TOKEN = "loop-admin", "loop-rater"
+API_KEY = "loop-admin"
+RATER_TOKENS = {"ann": "loop-rater-ann", "bob": "loop-rater-bob"}
+"""One token per rater (`--rater-tokens-file`): a rater's identity is their token."""
 PROMPTS = ["Name a fruit.", "Say hello.", "Count to three.", "What is rain?", "Pick a colour.", "Greet me."]
 
 
@@ -42,8 +44,9 @@ class Live:
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
 
-    def rater(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {RATER_TOKEN}"}, timeout=60)
+    def rater(self, name: str = "ann") -> httpx.Client:
+        token = RATER_TOKENS[name]
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,12 @@ def live(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory) -> Itera
     root = tmp_path_factory.mktemp("feedback-loop")
     registry = LocalStore(root / "registry")
     port, log = free_port(), root / "server.log"
+    tokens = root / "raters.txt"
+    tokens.write_text("# rater_id:token\n" + "".join(f"{r}:{t}\n" for r, t in RATER_TOKENS.items()))
     command = [
         sys.executable, "-m", "server",
         "--base", "tiny", "--quantize", "none", "--registry", str(registry.root), "--port", str(port),
-        "--api-key", API_KEY, "--rater-token", RATER_TOKEN,
+        "--api-key", API_KEY, "--rater-tokens-file", str(tokens),
         "--max-new-tokens", "24", "--max-input-tokens", "256", "--log-level", "warning",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -89,7 +94,7 @@ def make_pairs(live: Live) -> list[dict]:
 def judge_all(live: Live, rater: str, tie_on: str | None = None) -> int:
     """Judge every pending pair as `rater` would: prefer the answer whose text sorts first."""
     judged = 0
-    with live.rater() as client:
+    with live.rater(rater) as client:
         while (pair := client.get("/v1/feedback/next", params={"rater": rater}).json()["pair"]) is not None:
             choice = "left" if pair["left"] <= pair["right"] else "right"
             if pair["pair_id"] == tie_on:
@@ -116,7 +121,7 @@ def test_collect_export_train_serve(live: Live, tmp_path: Path, capsys: pytest.C
     # 2. Two raters through the shuffled view; bob calls one pair a tie, which leaves it without majority.
     assert judge_all(live, "ann") == len(PROMPTS)
     assert judge_all(live, "bob", tie_on=made[0]["pair_id"]) == len(PROMPTS)
-    with live.rater() as client:
+    with live.rater("bob") as client:
         progress = client.get("/v1/feedback/progress", params={"rater": "bob"}).json()
     assert progress | {"object": None} == {
         "object": None, "pairs": 6, "judgements": 12, "raters": 2, "rated": 6, "pending": 0,
