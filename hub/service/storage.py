@@ -179,8 +179,11 @@ class Storage:
     def create_repo(self, repo_id: str, private: bool, owner: str | None) -> RepoRecord:
         """Create a repo with an initial commit holding `.gitattributes` on branch `main`.
 
+        Namespaces and repo ids are told apart without regard to case (as on the HF Hub): nobody can create
+        `Acme/chat` beside `acme/chat`, or open a look-alike `ACME` namespace beside `acme`.
+
         Raises:
-            ConflictError: the repo exists.
+            ConflictError: the repo exists, or its namespace exists spelled with other case.
         """
         sha256, size = self.put_bytes(INITIAL_GITATTRIBUTES)
         record = RepoRecord(repo_id, private, owner, utc_now())
@@ -188,6 +191,15 @@ class Storage:
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)).fetchone():
                 raise ConflictError(f"Repo {repo_id} already exists.", "Use it, or pick another name.")
+            namespace = repo_id.split("/")[0]
+            for (other,) in db.execute(  # SQLite's LIKE ignores ASCII case
+                "SELECT repo_id FROM repos WHERE repo_id LIKE ? ESCAPE '!'", (_like_prefix(namespace + "/"),)
+            ):
+                if other.lower() == repo_id.lower() or other.split("/")[0] != namespace:
+                    raise ConflictError(
+                        f"Repo {repo_id} would shadow {other}: namespaces and names ignore case.",
+                        f"Use {other.split('/')[0]}/... as it is spelled, or pick another name.",
+                    )
             db.execute(
                 "INSERT INTO repos(repo_id, private, owner, created_at) VALUES (?, ?, ?, ?)",
                 (repo_id, int(private), owner, record.created_at),
@@ -247,12 +259,13 @@ class Storage:
         return removed
 
     def collect(self, min_age_s: float = 3600, only: set[str] | None = None) -> list[str]:
-        """Remove blobs that no commit references and no repo has claimed (garbage collection).
+        """Remove blobs that no commit references (garbage collection).
 
         Args:
             min_age_s: keep blobs stored less than this many seconds ago (LFS uploads whose commit may
-                still be on its way).
-            only: consider only these blobs (a deleted repo's); None considers every blob.
+                still be on its way); older uploads that were never committed are removed with their claim.
+            only: consider only these blobs (a deleted repo's), and keep any another repo has claimed (an
+                upload of the same bytes whose commit may be on its way); None considers every blob.
 
         Returns:
             The sha256 of each blob removed.
@@ -262,15 +275,17 @@ class Storage:
         removed: list[str] = []
         with self._transaction() as db:  # unlinked inside: no upload can re-add a blob meanwhile
             rows = db.execute(
-                "SELECT sha256 FROM blobs WHERE created_at <= ?"
-                " AND sha256 NOT IN (SELECT sha256 FROM files)"
-                " AND sha256 NOT IN (SELECT sha256 FROM repo_blobs)",
+                "SELECT sha256 FROM blobs WHERE created_at <= ? AND sha256 NOT IN (SELECT sha256 FROM files)",
                 (cutoff_text,),
             ).fetchall()
+            claimed = (
+                {r[0] for r in db.execute("SELECT sha256 FROM repo_blobs")} if only is not None else set()
+            )
             for (sha256,) in rows:
-                if only is not None and sha256 not in only:
+                if only is not None and (sha256 not in only or sha256 in claimed):
                     continue
                 db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+                db.execute("DELETE FROM repo_blobs WHERE sha256 = ?", (sha256,))
                 self.blobs.remove(sha256)
                 removed.append(sha256)
         if removed:
@@ -495,3 +510,8 @@ class Storage:
     def tokens(self) -> list[tuple[str, str, str, str]]:
         with self._connect() as db:
             return [tuple(r) for r in db.execute("SELECT token_sha256, user, access, repos FROM tokens")]
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern matching strings that start with `prefix` (its `%`, `_` and `!` escaped with `!`)."""
+    return "".join("!" + c if c in "%_!" else c for c in prefix) + "%"

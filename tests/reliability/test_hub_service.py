@@ -31,7 +31,7 @@ ALICE = "hf_svc_alice_6161"  # write acme/*
 BOB = "hf_svc_bob_6262"  # write other/*, and acme-ish globs an attacker would try (literal namespaces)
 READER = "hf_svc_reader_6363"
 TOKENS = f"""{ALICE}  write  acme/*        alice
-{BOB}    write  other/*,acmecorp/*  bob
+{BOB}    write  other/*,acmecorp/*,Acme/*,ACME/*  bob
 {READER} read   *             ci
 """
 
@@ -103,7 +103,12 @@ def test_a_namespace_owns_its_repos(hub: HubProcess, http: httpx.Client, tmp_pat
             assert r.status_code == 403, (method, path, token, r.text)
     info = http.get("/api/models/acme/owned", headers=bearer(ALICE)).json()
     assert info["sha"] == head and info["private"] is True
-    # bob's `acmecorp/*` is its own namespace, not a way into acme's
+    # bob's `acmecorp/*` is its own namespace, not a way into acme's; `Acme/*` cannot shadow acme's repos
+    for look_alike in ("Acme/owned", "ACME/new"):
+        namespace, name = look_alike.split("/")
+        spec = {"name": name, "organization": namespace}
+        r = http.post("/api/repos/create", headers=bearer(BOB), json=spec)
+        assert r.status_code == 409 and "ignore case" in r.json()["error"], r.text
     create(http, "acmecorp/x", BOB)
     assert http.post("/api/models/acmecorp/x/commit/main", headers=bearer(ALICE),
                      content=commit_body(inline("a", b"a"))).status_code == 403  # fmt: skip
