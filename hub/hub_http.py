@@ -75,9 +75,7 @@ class HubReader:
         try:
             info = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise HubError(
-                f"{self.name} answered {repo_id}'s info with something not JSON: {exc}."
-            ) from exc
+            raise HubError(f"{self.name} answered {repo_id}'s info with something not JSON: {exc}.") from exc
         if not isinstance(info, dict) or not isinstance(info.get("sha"), str):
             raise HubError(f"{self.name} answered {repo_id}'s info without a commit sha.")
         return info
@@ -162,9 +160,7 @@ class HubReader:
     def _read(self, response: httpx.Response, sink: Any, limit: int, what: str) -> bytes:
         declared = response.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise HubLimitError(
-                f"{self.name} sends {declared} bytes for {what}; at most {limit} expected."
-            )
+            raise HubLimitError(f"{self.name} sends {declared} bytes for {what}; at most {limit} expected.")
         chunks: list[bytes] = []
         got = 0
         for chunk in response.iter_bytes():  # as it arrives: the deadline is checked per read
