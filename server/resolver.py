@@ -194,6 +194,14 @@ class Resolver:
         """Every registered version (blocking)."""
         return self.store.list(all_versions=True)
 
+    def plain_name_target(self, name: str) -> str | None:
+        """`name@V` a plain `name` resolves to when it is a hub name pulled at the hub's main (its recorded
+        version, which versions pulled by number may exceed); None for any other name (blocking)."""
+        if self._pulls is None or "/" not in name:
+            return None
+        recorded = self._recorded(AdapterRef(name))
+        return None if recorded is None else str(recorded)
+
     # ---- remote --------------------------------------------------------------------------------
     def _pull(self, ref: AdapterRef) -> AdapterRef:
         """Pull `ref` (a `namespace/name`) from the hub into the local registry, once.

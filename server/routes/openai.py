@@ -54,6 +54,9 @@ async def list_models(state: State) -> dict[str, Any]:
     """The base (no adapter) and every registered generation adapter, as `name` and `name@version`."""
     assert state.resolver is not None
     manifests = await asyncio.to_thread(state.resolver.registered)
+    targets = await asyncio.to_thread(  # a hub name's plain alias is the hub's main, as requests resolve it
+        lambda: {m.name: state.resolver.plain_name_target(m.name) for m in manifests}
+    )
     base = state.base_name
     models = [_model(base, int(state.started_at), root=base, parent=None)]
     latest: dict[str, Any] = {}
@@ -66,7 +69,8 @@ async def list_models(state: State) -> dict[str, Any]:
         if manifest.name not in latest or manifest.version > latest[manifest.name].version:
             latest[manifest.name] = manifest
     for name, manifest in sorted(latest.items()):
-        models.append(_model(name, _epoch(manifest.created_at), root=manifest.ref, parent=base))
+        root = targets.get(name) or manifest.ref
+        models.append(_model(name, _epoch(manifest.created_at), root=root, parent=base))
     return {"object": "list", "data": models}
 
 

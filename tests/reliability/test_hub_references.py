@@ -130,15 +130,17 @@ def hub(tmp_path_factory: pytest.TempPathFactory, hub_online: None) -> Iterator[
 
 @pytest.fixture(scope="module")
 def source(hub: HubProcess, tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory) -> LocalStore:
-    """acme/multi v1..v3 (different weights) on the hub, and the adapters the misbehaving repos hold."""
+    """acme/multi v1..v3 (different weights) on main and v4 on a branch, so main (v3) is not the highest
+    version; and the adapters the misbehaving repos hold."""
     root = tmp_path_factory.mktemp("refs-source")
     store = LocalStore(root / "registry")
-    folders = lora_variants(tiny_base, root / "src", ["multi-1", "multi-2", "multi-3"], seed=7)
+    folders = lora_variants(tiny_base, root / "src", ["multi-1", "multi-2", "multi-3", "multi-4"], seed=7)
     client = HubClient(hub.url, WRITER)
     for folder in folders.values():
         store.put(folder, name="multi", task="instruction", method="lora", base=tiny_base.spec)
     for version in (1, 2, 3):
         client.push(store, f"multi@{version}", "acme/multi")
+    client.push(store, "multi@4", "acme/multi", revision="next")
     for repo in ("redirected", "inside", "slow", *(f"stall-{i}" for i in range(4))):
         client.push(store, "multi@1", f"acme/{repo}")
     return store
@@ -152,7 +154,7 @@ def served(
     root = tmp_path_factory.mktemp("refs-server")
     proxy = HubProxy(hub.url)
     store = LocalStore(root / "registry")
-    for version in (1, 2, 3):
+    for version in (1, 2, 3, 4):
         stored = source.get(f"multi@{version}")
         store.put(stored.path, name=f"src-{version}", task="instruction", method="lora", base=tiny_base.spec)
     register(store, tiny_base, lora_variants(tiny_base, root / "local", ["local-a"], seed=3))
@@ -170,8 +172,8 @@ def test_hub_versions_pulled_out_of_order_keep_their_numbers(
     served: tuple[ServerProcess, HubProxy], source: LocalStore
 ):
     server, proxy = served
-    expected = {v: server.greedy(f"src-{v}") for v in (1, 2, 3)}
-    assert len(set(expected.values())) == 3, "the three versions must answer differently"
+    expected = {v: server.greedy(f"src-{v}") for v in (1, 2, 3, 4)}
+    assert len(set(expected.values())) == 4, "the versions must answer differently"
     for version in (3, 1, 2):
         assert server.greedy(f"acme/multi@{version}") == expected[version], version
     assert server.registry.versions("acme/multi") == [1, 2, 3]
@@ -189,6 +191,13 @@ def test_hub_versions_pulled_out_of_order_keep_their_numbers(
     assert server.greedy("acme/multi") == expected[3]  # main's manifest is read to learn its version...
     assert not any("adapter_model" in path for path in proxy.requests[asked:])  # ...no weights downloaded
     assert server.registry.versions("acme/multi") == [1, 2, 3]
+    # v4 (on a branch) is pulled as 4; the plain name still means the hub's main, in answers and /v1/models
+    assert server.greedy("acme/multi@4") == expected[4]
+    assert server.greedy("acme/multi") == expected[3]
+    with server.client() as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["acme/multi"]["root"] == "acme/multi@3" and "acme/multi@4" in models
+    assert server.registry.versions("acme/multi") == [1, 2, 3, 4]
 
 
 def test_a_redirecting_hub_is_followed_only_within_itself(served: tuple[ServerProcess, HubProxy]):
