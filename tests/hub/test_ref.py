@@ -71,3 +71,13 @@ def test_bad_hub_repo_ids_are_refused_with_the_rule(repo_id: str) -> None:
     with pytest.raises(InvalidReferenceError) as info:
         validate_repo_id(repo_id)
     assert "NAMESPACE/NAME" in info.value.remedy
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["x@prod\n", "x@prod\r", "x@\tprod", "acme/tags.json", "tags.json", "acme/readme.md", "manifest.json@1"],
+)
+def test_registry_file_names_and_control_characters_in_tags_are_refused(text: str) -> None:
+    """Issue 20: `$` in a pattern also matches before a final newline; names of the registry's own files."""
+    with pytest.raises(InvalidReferenceError):
+        AdapterRef.parse(text)

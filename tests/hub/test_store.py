@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from hub.errors import (
     CorruptAdapterError,
     InvalidReferenceError,
     ManifestError,
+    RegistryError,
 )
 from hub.manifest import BaseSpec, Manifest
 from hub.store import LocalStore, write_atomic
@@ -231,3 +233,29 @@ def test_write_atomic_keeps_the_old_content_and_no_temporary_file_on_failure(tmp
         write_atomic(path, "\udc80")  # a lone surrogate cannot be encoded: fails mid-write
     assert path.read_text() == '{"prod": 1}'
     assert sorted(p.name for p in path.parent.iterdir()) == ["tags.json"]
+
+
+def test_put_manifest_can_keep_a_hub_version(registry: LocalStore, tmp_path: Path) -> None:
+    """Issue 20: a hub's version N is registered as N, in any order, once; another copy of N is refused."""
+    src = make_adapter(tmp_path / "a")
+    other = make_adapter(tmp_path / "b", payload=b"other weights")
+    first = put(registry, src, name="acme/chat")
+    hub_v3 = registry.put_manifest(src, replace(first, version=3), keep_version=True)
+    hub_v2 = registry.put_manifest(other, replace(first, version=2), keep_version=True)
+    assert (hub_v3.ref, hub_v2.ref) == ("acme/chat@3", "acme/chat@2")
+    assert registry.versions("acme/chat") == [1, 2, 3]
+    again = registry.put_manifest(other, replace(first, version=2, files=hub_v2.files), keep_version=True)
+    assert again.created_at == hub_v2.created_at and registry.versions("acme/chat") == [1, 2, 3]
+    with pytest.raises(RegistryError, match="already registered"):
+        registry.put_manifest(src, replace(first, version=2, files=hub_v3.files), keep_version=True)
+    assert put(registry, src, name="acme/chat").version == 4  # local versions continue after the hub's
+    assert list((registry.root / ".staging").iterdir()) == []
+
+
+def test_new_registry_folders_are_created_durably(tmp_path: Path) -> None:
+    root = tmp_path / "a" / "b" / "registry"
+    store = LocalStore(root)
+    put(store, make_adapter(tmp_path / "src"), name="ns/chat")
+    assert store.versions("ns/chat") == [1]
+    write_atomic(root / "deep" / "er" / "file.txt", "x")
+    assert (root / "deep" / "er" / "file.txt").read_text() == "x"
