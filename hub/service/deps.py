@@ -126,15 +126,9 @@ async def writer_json_body(request: Request, caller: Caller) -> dict[str, Any]:
     return await read_json(request, state.limits.max_json_body)
 
 
-async def small_body(request: Request) -> bytes:
-    """The raw request body, bounded by `max_json_body`."""
-    return await read_body(request, get_state(request).limits.max_json_body)
-
-
 # Bodies come in through async dependencies so that handlers can stay plain `def` (run off the event loop).
 JsonBody = Annotated[dict[str, Any], Depends(json_body)]
 WriterJsonBody = Annotated[dict[str, Any], Depends(writer_json_body)]
-SmallBody = Annotated[bytes, Depends(small_body)]
 
 
 def truthy(value: str | None) -> bool:

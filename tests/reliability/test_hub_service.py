@@ -206,6 +206,12 @@ def test_a_private_repo_answers_as_a_missing_one(http: httpx.Client):
             assert hidden.json()["error"].replace("hidden", "X") == missing.json()["error"].replace(
                 "nothing-here", "X"
             )
+    for token in (None, BOB):  # paths-info reads its body only once the repo may be read
+        url = "/api/models/acme/hidden/paths-info/main"
+        r = http.post(url, headers=bearer(token), content=b"x" * (3 << 20))
+        assert r.status_code == 404 and r.headers.get("x-error-code") == "RepoNotFound", r.text
+    listed = http.post(url, headers=bearer(READER), content=b"paths=a.txt")
+    assert [e["path"] for e in listed.json()] == ["a.txt"]
     assert http.get("/api/models/acme/hidden", headers=bearer(READER)).status_code == 200
 
 

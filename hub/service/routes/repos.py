@@ -13,16 +13,18 @@ from urllib.parse import parse_qs
 
 import yaml
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from hub.service.auth import Grant
 from hub.service.catalog import read_card, repo_tags, split_front_matter
 from hub.service.deps import (
     Caller,
     JsonBody,
-    SmallBody,
+    ServiceState,
     State,
     WriterJsonBody,
     base_url,
+    read_body,
     repo_id_of,
     truthy,
 )
@@ -319,10 +321,15 @@ def list_tree(
 
 
 @router.post(REPO + "/paths-info/{revision}")
-def paths_info(
-    namespace: str, name: str, revision: str, body: SmallBody, state: State, caller: Caller
+async def paths_info(
+    namespace: str, name: str, revision: str, request: Request, state: State, caller: Caller
 ) -> list[dict[str, Any]]:
-    repo = readable_repo(state, caller, repo_id_of(namespace, name))
+    repo = await run_in_threadpool(readable_repo, state, caller, repo_id_of(namespace, name))
+    body = await read_body(request, state.limits.max_json_body)  # only once the caller may read the repo
+    return await run_in_threadpool(_paths_info, state, repo, revision, body)
+
+
+def _paths_info(state: ServiceState, repo: RepoRecord, revision: str, body: bytes) -> list[dict[str, Any]]:
     form = parse_qs(body.decode("utf-8", errors="replace"))
     commit = state.storage.resolve(repo.repo_id, validate_revision(revision))
     files = state.storage.files(commit.oid)
