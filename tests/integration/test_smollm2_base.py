@@ -116,3 +116,46 @@ def test_a_lora_trained_on_it_serves(smollm2: BaseInfo, tmp_path: Path, quantize
         assert "memory footprint" in log
     finally:
         stop(server)
+
+
+SHORT = {"max_steps": 2, "batch_size": 2, "max_length": 32, "progress": False, "baseline": False, "cpu": True}
+
+
+@pytest.mark.parametrize(
+    ("task", "method"),
+    [
+        ("classification", "qlora"),
+        ("classification", "bottleneck"),
+        ("classification", "full"),
+        ("ner", "lora"),
+    ],
+)
+def test_every_method_and_task_trains_on_it(
+    smollm2: BaseInfo, tmp_path: Path, task: str, method: str
+) -> None:
+    import importlib
+
+    from trainers.sample_data import sample_path
+
+    recipe = importlib.import_module(f"trainers.{task}")
+    config = recipe.Config(base="smollm2-135m", data=str(sample_path(task)), name=f"{task}-{method}",
+                           method=method, registry=str(tmp_path / "registry"), rank=4, **SHORT)  # fmt: skip
+    manifest = recipe.train(config)
+    assert manifest.method == method and manifest.base.fingerprint == smollm2.fingerprint
+    assert manifest.metrics["train_steps"] == 2
+
+
+def test_preference_recipes_train_on_it(smollm2: BaseInfo, tmp_path: Path) -> None:
+    """Reward model, DPO, then PPO against that reward model: each a couple of steps on the real base."""
+    from trainers import dpo, ppo, reward
+    from trainers.sample_data import sample_path
+
+    shared = {"base": "smollm2-135m", "registry": str(tmp_path / "registry"), "rank": 4, **SHORT}
+    pairs = str(sample_path("reward"))
+    rm = reward.train(reward.Config(data=pairs, name="rm", **shared))
+    policy = dpo.train(dpo.Config(data=pairs, name="dpo", **shared))
+    tuned = ppo.train(ppo.Config(prompts=str(sample_path("ppo")), reward=rm.ref, name="ppo", max_new_tokens=6,
+                                 mini_batch_size=2, ppo_epochs=1, **shared))  # fmt: skip
+    for manifest in (rm, policy, tuned):
+        assert manifest.base.fingerprint == smollm2.fingerprint
+    assert tuned.metrics["train_steps"] == 2

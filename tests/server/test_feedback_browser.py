@@ -3,15 +3,13 @@
 The app (fake engine, real feedback routes and database) runs under uvicorn on 127.0.0.1 with an API key
 and a separate rater token. The browser loads /feedback, is refused without the token, signs in with it,
 judges pairs by click and by key, and each judgement is checked in the database, mapped back from
-left/right to a/b. The screenshot of the first pair becomes docs/feedback.png (when that file is missing or
-ADAPTERDOCK_UPDATE_DOCS=1, so test runs do not churn the committed picture). Skips only when
+left/right to a/b, and the page is screenshotted (docs/feedback.png, with real pairs from the real base, is
+made by examples/feedback_screenshot.py instead). Skips only when
 /usr/bin/chromium is absent (`.ci/system-deps` installs it); never runs `playwright install`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import threading
 import time
@@ -28,9 +26,6 @@ from tests.server.fakes import FakeServer, register
 pytestmark = [pytest.mark.slow, pytest.mark.network, pytest.mark.timeout(120)]
 
 CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "feedback.png"
-UPDATE_DOCS = "ADAPTERDOCK_UPDATE_DOCS"
-"""Set to 1 to refresh docs/feedback.png from this test's screenshot."""
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -183,6 +178,4 @@ def test_rate_pairs_in_chromium(live: tuple[str, FeedbackStore, list[Pair]], tmp
         finally:
             browser.close()
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    if os.environ.get(UPDATE_DOCS) or not SCREENSHOT.exists():
-        shutil.copyfile(shot, SCREENSHOT)  # committed once; refreshed on request, not on every run
     assert store.progress(rater) == {"pairs": 3, "judgements": 3, "raters": 1, "rated": 3, "pending": 0}
