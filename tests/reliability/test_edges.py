@@ -261,18 +261,36 @@ def test_stop_strings_cost_per_token_does_not_grow_with_their_length(
 
 
 # ---- claims of docs/reliability.md -----------------------------------------------------------------------
+def scheduler_load(server: ServerProcess) -> int:
+    """Requests the scheduler holds now: running plus waiting (from /metrics)."""
+    text = call(server, "GET", "/metrics", API).text
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("adapterdock_")
+    }
+    return int(
+        values.get("adapterdock_scheduler_running", 0) + values.get("adapterdock_scheduler_queue_depth", 0)
+    )
+
+
 def test_a_full_queue_is_503_queue_full_with_retry_after(edges: ServerProcess):
     """2 rows run, 2 requests wait (--max-queue 2): the next one is refused at once."""
-    long = {"model": "edge-0", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+    long = {"model": "edge-0", "prompt": PROMPT, "max_tokens": 256, "temperature": 0, "ignore_eos": True}
     results: list[int] = []
 
     def ask() -> None:
         results.append(call(edges, "POST", "/v1/completions", API, json=long).status_code)
 
     threads = [threading.Thread(target=ask) for _ in range(4)]
-    for thread in threads:
+    for held, thread in enumerate(threads, 1):
         thread.start()
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while (
+            scheduler_load(edges) < held and time.monotonic() < deadline
+        ):  # one at a time, so none is refused
+            time.sleep(0.02)
+    assert scheduler_load(edges) == 4, "the four long requests are not all held"
     refused = call(edges, "POST", "/v1/completions", API, json={**long, "max_tokens": 2})
     for thread in threads:
         thread.join(120)
