@@ -93,11 +93,11 @@ class BlobStore:
     def begin(self) -> BlobUpload:
         return BlobUpload(self.tmp_dir / f"{uuid.uuid4().hex}.part")
 
-    def finish(self, upload: BlobUpload, expected_sha256: str | None = None) -> tuple[str, int]:
-        """Close an upload, check it against `expected_sha256` and rename it into place (durably).
+    def seal(self, upload: BlobUpload, expected_sha256: str | None = None) -> str:
+        """Close an upload (its bytes fsynced) and check it against `expected_sha256`; return its sha256.
 
         Raises:
-            UnprocessableError: the bytes do not hash to `expected_sha256` (nothing is kept).
+            UnprocessableError: the bytes do not hash to `expected_sha256` (the upload is discarded).
         """
         try:
             sha256 = upload.close()
@@ -106,6 +106,14 @@ class BlobStore:
                     f"Uploaded bytes hash to sha256 {sha256}, not {expected_sha256}.",
                     "The upload was truncated or altered in transit; upload the file again.",
                 )
+        except BaseException:
+            upload.discard()
+            raise
+        return sha256
+
+    def place(self, upload: BlobUpload, sha256: str) -> int:
+        """Rename a sealed upload into `blobs/` (durably, new folders included); return its size."""
+        try:
             target = self.path(sha256)
             make_dirs(target.parent)  # blobs/aa/ and blobs/aa/bb/, each fsynced into its parent
             os.replace(upload.tmp_path, target)
@@ -115,7 +123,7 @@ class BlobStore:
             raise
         with self._verified_lock:
             self._verified.pop(sha256, None)
-        return sha256, upload.size
+        return upload.size
 
     def check_size(self, sha256: str, size: int, path_in_repo: str | None = None) -> Path:
         """Return the blob's path after checking only that it exists with `size` bytes.

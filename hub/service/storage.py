@@ -123,8 +123,9 @@ class Storage:
         Raises:
             UnprocessableError: the bytes do not hash to `expected_sha256` (nothing is kept).
         """
-        with self._transaction() as db:  # the rename too: `collect` cannot unlink a blob being re-added
-            sha256, size = self.blobs.finish(upload, expected_sha256)
+        sha256 = self.blobs.seal(upload, expected_sha256)  # the long fsync, outside the write lock
+        with self._transaction() as db:  # the rename inside: `collect` cannot unlink a blob being re-added
+            size = self.blobs.place(upload, sha256)
             db.execute(
                 "INSERT OR REPLACE INTO blobs(sha256, size, created_at) VALUES (?, ?, ?)",
                 (sha256, size, utc_now()),
