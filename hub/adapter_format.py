@@ -461,7 +461,7 @@ def _pattern_checker(check_value):
             if len(key) > MAX_PATTERN_KEY or not PATTERN_KEY.fullmatch(key):
                 problems.append(f"{field} key {_show(key)} is not a module path of at most {MAX_PATTERN_KEY} "
                                 "characters (letters, digits, _ and .)")  # fmt: skip
-            problems += check_value(f"{field}[{_show(key)}]", item)
+            problems += check_value(f"{field}[{key[:60]!r}]", item)
         return problems
 
     return check

@@ -202,6 +202,54 @@ def test_pattern_value_matches_the_end_of_a_module_path() -> None:
     assert fmt.pattern_value(None, "x", 2.0) == 2.0
 
 
+def test_peft_config_fields_are_typed_and_ranged_all_problems_at_once() -> None:
+    config = {"r": True, "lora_alpha": float("nan"), "rank_pattern": {"q_proj": 0, "(a+)+$": 4},
+              "alpha_pattern": {"down_proj": {"x": 1}}, "use_rslora": "yes", "modules_to_save": "score",
+              "loftq_config": [[[[[1]]]]]}  # fmt: skip
+    with pytest.raises(CorruptAdapterError) as info:
+        fmt.check_peft_config(Path("adapter_config.json"), config)
+    message = str(info.value)
+    fields = [
+        "'r'",
+        "'lora_alpha'",
+        "rank_pattern['q_proj']",
+        "rank_pattern key",
+        "alpha_pattern['down_proj']",
+    ]
+    for field in [*fields, "'use_rslora'", "'modules_to_save'", "'loftq_config'"]:
+        assert field in message, (field, message)
+    assert "regular expressions are not accepted" in message  # the remedy for pattern keys
+    valid = {"r": 8, "lora_alpha": 16.0, "rank_pattern": {"q_proj": 4}, "target_modules": ["q_proj"]}
+    fmt.check_peft_config(Path("x"), {**valid, "bias": "none", "layer_replication": None})
+
+
+KEYS = ["q_proj", "proj", "q.proj", r"q\.proj", "self_attn.q_proj", "layers.0.self_attn.q_proj",
+        "mlp.up.proj", "model.layers.0.self_attn.q_proj", "layers.1.self_attn.q_proj", "0.self_attn.q_proj",
+        "x.model.layers.0.self_attn.q_proj", r"layers\.0\.mlp\.up_proj"]  # fmt: skip
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.10.mlp.up_proj"]
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_pattern_keys_match_as_peft_reads_them_without_re(key: str) -> None:
+    r"""PEFT's lookup is `re.match(rf"(.*\.)?({key})$", module)`; for module-path keys ours agrees exactly."""
+    import re
+
+    for module in MODULES:
+        peft = re.match(rf"(.*\.)?({key})$", module) is not None
+        assert fmt.pattern_value({key: 4}, module, 8) == (4 if peft else 8), (key, module)
+
+
+def test_a_pattern_key_that_would_freeze_re_never_matches_and_costs_nothing() -> None:
+    import time
+
+    started = time.perf_counter()
+    for _ in range(1000):
+        assert (
+            fmt.pattern_value({"(.|.)*(.|.)*(.|.)*Q" * 10: 4}, "model.layers.0.self_attn.q_proj" * 8, 8) == 8
+        )
+    assert time.perf_counter() - started < 1
+
+
 # ---- bottleneck ---------------------------------------------------------------------------------------
 GOOD_BOTTLENECK = {
     "variant": "houlsby",
