@@ -100,26 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _secret(value: str | None, file: Path | None, env: str) -> str | None:
+    """A key from its flag, else the first line of its file, else the environment variable `env`."""
+    if file is not None:
+        lines = file.read_text(encoding="utf-8").splitlines()
+        return lines[0].strip() if lines else ""
+    return value if value is not None else os.environ.get(env) or None
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The validated `ServerConfig` for parsed flags (plus the environment's keys)."""
-    api_key = args.api_key
-    if args.api_key_file is not None:
-        lines = args.api_key_file.read_text(encoding="utf-8").splitlines()
-        api_key = lines[0].strip() if lines else ""
-    if api_key is None:
-        api_key = os.environ.get("ADAPTERDOCK_API_KEY") or None
-    rater_token = args.rater_token
-    if args.rater_token_file is not None:
-        lines = args.rater_token_file.read_text(encoding="utf-8").splitlines()
-        rater_token = lines[0].strip() if lines else ""
-    if rater_token is None:
-        rater_token = os.environ.get("ADAPTERDOCK_RATER_TOKEN") or None
-    admin_key = args.admin_key
-    if args.admin_key_file is not None:
-        lines = args.admin_key_file.read_text(encoding="utf-8").splitlines()
-        admin_key = lines[0].strip() if lines else ""
-    if admin_key is None:
-        admin_key = os.environ.get("ADAPTERDOCK_ADMIN_KEY") or None
+    api_key = _secret(args.api_key, args.api_key_file, "ADAPTERDOCK_API_KEY")
+    rater_token = _secret(args.rater_token, args.rater_token_file, "ADAPTERDOCK_RATER_TOKEN")
+    admin_key = _secret(args.admin_key, args.admin_key_file, "ADAPTERDOCK_ADMIN_KEY")
     rater_tokens = read_rater_tokens(args.rater_tokens_file) if args.rater_tokens_file is not None else {}
     files = ("api_key_file", "rater_token_file", "rater_tokens_file", "admin_key_file")
     values = {k: v for k, v in vars(args).items() if k not in files}
