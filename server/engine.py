@@ -35,6 +35,7 @@ from server.attention import (
     check_supported,
     exact_context,
     register_attention,
+    skip_training_wrappers,
 )
 from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
@@ -113,6 +114,7 @@ class Engine:
         self.memory_footprint = loaded.memory_footprint
         self.tokenizer = AutoTokenizer.from_pretrained(str(base_path))
         self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        skip_training_wrappers(self.model)
         self.config = self.model.config
         self.layout = BaseLayout.from_config(self.config)
         self.max_rank, self.max_batch_size = max_rank, max_batch_size
