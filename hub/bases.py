@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from hub.adapter_format import read_safetensors_header
 from hub.builtin_bases import BUILTIN_BASES, builtin_path
 from hub.errors import BaseNotFoundError
 from hub.manifest import BaseSpec
+from hub.safetensors_header import read_safetensors_header
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Boundary: reads headers and JSON configs only (no torch, no tensors loaded), so `hub import` and the hub
 service can refuse an adapter made for another architecture before anything is allocated. The format's
-rules (header parsing, tensor names, PEFT type, bottleneck fields) come from `hub.adapter_format`.
+rules (header parsing, tensor names, PEFT type, bottleneck fields) come from `hub.adapter_format` and
+the modules beside it (`hub.safetensors_header`, `hub.peft_config`, `hub.bottleneck_format`).
 """
 
 from __future__ import annotations
@@ -10,18 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hub.adapter_format import (
-    ADAPTER_CONFIG,
-    BOTTLENECK_CONFIG,
-    LORA_KEY,
-    check_bottleneck_fits,
-    check_peft_type,
-    load_config,
-    read_header,
-    read_safetensors_header,
-    weights_file,
-)
+from hub.adapter_format import ADAPTER_CONFIG, BOTTLENECK_CONFIG, load_config, weights_file
+from hub.bottleneck_format import check_bottleneck_fits
 from hub.errors import BaseMismatchError
+from hub.peft_config import LORA_KEY, check_peft_type
+from hub.safetensors_header import read_header, read_safetensors_header
 
 
 def _base_shapes(base_path: Path) -> dict[str, list[int]]:

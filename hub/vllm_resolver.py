@@ -25,11 +25,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.adapter_format import ADAPTER_CONFIG, check_base, check_peft_options, load_config
+from hub.adapter_format import ADAPTER_CONFIG, check_base, load_config
 from hub.bases import BaseInfo, resolve_base
 from hub.compat import check_peft_fits_base
 from hub.errors import AdapterNotFoundError, BaseNotFoundError, NotServableError
 from hub.manifest import GENERATION_TASKS, Manifest
+from hub.peft_config import check_peft_options
 from hub.ref import AdapterRef
 from hub.store import DEFAULT_REGISTRY, REGISTRY_ENV, LocalStore
 

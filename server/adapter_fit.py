@@ -3,7 +3,8 @@
 Boundary: headers and configs only, no torch: `plan_adapter` reads an adapter's safetensors header and
 config, checks each tensor against the base's `BaseLayout` (and `--max-rank`), and says which tensor goes
 where with its scale, or raises BEFORE any tensor data is read. The format's rules (header limits, tensor
-names, PEFT options, bottleneck schema, pickles) are `hub.adapter_format`'s; reading the tensors is
+names, PEFT options, bottleneck schema, pickles) are `hub.adapter_format`'s and its siblings'
+(`hub.safetensors_header`, `hub.peft_config`, `hub.bottleneck_format`); reading the tensors is
 `server.adapter_weights`'.
 """
 
@@ -17,23 +18,21 @@ from typing import Any
 from hub.adapter_format import (
     ADAPTER_CONFIG,
     BOTTLENECK_CONFIG,
-    BOTTLENECK_FIX,
-    BOTTLENECK_KEY,
-    HEAD_KEY,
-    LORA_KEY,
     REEXPORT,
-    TensorInfo,
-    check_bottleneck_config,
-    check_bottleneck_fits,
-    check_peft_options,
     load_config,
-    pattern_value,
-    read_header,
     refuse_pickles,
     weights_file,
 )
+from hub.bottleneck_format import (
+    BOTTLENECK_FIX,
+    BOTTLENECK_KEY,
+    check_bottleneck_config,
+    check_bottleneck_fits,
+)
 from hub.errors import CorruptAdapterError
 from hub.manifest import Manifest
+from hub.peft_config import HEAD_KEY, LORA_KEY, check_peft_options, pattern_value
+from hub.safetensors_header import TensorInfo, read_header
 
 HEAD_TASKS = ("classification", "ner", "reward")
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from hub.adapter_format import REEXPORT, TensorInfo
+from hub.adapter_format import REEXPORT
 from hub.errors import CorruptAdapterError
 from hub.manifest import Manifest
+from hub.safetensors_header import TensorInfo
 from server.adapter_fit import BaseLayout, plan_adapter
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-"""`hub.adapter_format.ADAPTER_DTYPES` as torch dtypes."""
+"""`hub.safetensors_header.ADAPTER_DTYPES` as torch dtypes."""
 
 
 @dataclass

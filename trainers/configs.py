@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hub.adapter_format import BOTTLENECK_ACTIVATIONS, BOTTLENECK_VARIANTS
+from hub.bottleneck_format import BOTTLENECK_ACTIVATIONS, BOTTLENECK_VARIANTS
 from hub.errors import AdapterDockError
 from hub.manifest import METHODS
 from hub.ref import validate_name

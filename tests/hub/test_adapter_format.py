@@ -1,4 +1,6 @@
-"""hub.adapter_format: safetensors headers, PEFT keys and options, bottleneck schema, pickles, bases.
+"""The adapter format: safetensors headers, PEFT keys and options, bottleneck schema, pickles, bases.
+
+`hub.adapter_format` and its siblings `hub.safetensors_header`, `hub.peft_config`, `hub.bottleneck_format`.
 
 Files are written byte by byte here (no torch, no safetensors library), so every lie a header can tell is
 easy to state.
@@ -13,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from hub import adapter_format as fmt
+from hub import bottleneck_format as bn
+from hub import peft_config as pc
+from hub import safetensors_header as st
 from hub.errors import BaseMismatchError, CorruptAdapterError
 from hub.manifest import BaseSpec
 
@@ -45,19 +50,19 @@ def write_raw(path: Path, header: object, data: bytes = b"", length: int | None 
 # ---- safetensors headers ------------------------------------------------------------------------------
 def test_read_header_checks_and_returns_every_tensor(tmp_path: Path) -> None:
     path = write_safetensors(tmp_path / "a.safetensors", {"a": ("F32", [2, 3]), "b": ("BF16", [4])})
-    infos, data_start = fmt.read_header(path)
+    infos, data_start = st.read_header(path)
     assert set(infos) == {"a", "b"}
-    assert infos["a"] == fmt.TensorInfo(dtype="F32", shape=(2, 3), begin=0, end=24)
-    assert infos["b"] == fmt.TensorInfo(dtype="BF16", shape=(4,), begin=24, end=32)
+    assert infos["a"] == st.TensorInfo(dtype="F32", shape=(2, 3), begin=0, end=24)
+    assert infos["b"] == st.TensorInfo(dtype="BF16", shape=(4,), begin=24, end=32)
     assert data_start == path.stat().st_size - 32
 
 
 def test_any_file_header_keeps_metadata_and_any_dtype(tmp_path: Path) -> None:
     path = write_safetensors(tmp_path / "base.safetensors", {"w": ("I8", [3])}, metadata={"format": "np"})
-    header = fmt.read_safetensors_header(path)
+    header = st.read_safetensors_header(path)
     assert header["__metadata__"] == {"format": "np"} and header["w"]["dtype"] == "I8"
     with pytest.raises(CorruptAdapterError, match="dtype I8"):
-        fmt.read_header(path)
+        st.read_header(path)
 
 
 @pytest.mark.parametrize(
@@ -73,7 +78,7 @@ def test_any_file_header_keeps_metadata_and_any_dtype(tmp_path: Path) -> None:
 def test_broken_headers_are_refused(tmp_path: Path, content: bytes, match: str) -> None:
     path = tmp_path / "x.safetensors"
     path.write_bytes(content)
-    for read in (fmt.read_safetensors_header, fmt.read_header):
+    for read in (st.read_safetensors_header, st.read_header):
         with pytest.raises(CorruptAdapterError, match=match) as info:
             read(path)
         assert str(path) in str(info.value) and info.value.remedy
@@ -81,9 +86,9 @@ def test_broken_headers_are_refused(tmp_path: Path, content: bytes, match: str) 
 
 def test_a_header_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, monkeypatch) -> None:
     path = write_safetensors(tmp_path / "x.safetensors", {"a": ("F32", [64])})
-    monkeypatch.setattr(fmt, "MAX_HEADER_BYTES", 16)
+    monkeypatch.setattr(st, "MAX_HEADER_BYTES", 16)
     with pytest.raises(CorruptAdapterError, match="header claims"):
-        fmt.read_safetensors_header(path)
+        st.read_safetensors_header(path)
 
 
 @pytest.mark.parametrize(
@@ -102,7 +107,7 @@ def test_a_header_over_the_limit_is_refused_before_it_is_read(tmp_path: Path, mo
 def test_lying_tensor_entries_are_refused(tmp_path: Path, entry: object, match: str) -> None:
     path = write_raw(tmp_path / "x.safetensors", {"t": entry}, data=b"\0" * 8)
     with pytest.raises(CorruptAdapterError, match=match) as info:
-        fmt.read_header(path)
+        st.read_header(path)
     assert "'t'" in str(info.value)
 
 
@@ -160,46 +165,46 @@ def test_load_config_and_weights_file(tmp_path: Path) -> None:
     ],
 )
 def test_lora_key(key: str, module: str, part: str) -> None:
-    match = fmt.LORA_KEY.match(key)
+    match = pc.LORA_KEY.match(key)
     assert match and (match["module"], match["part"]) == (module, part)
-    assert fmt.LORA_KEY.match(key.replace("base_model.model.", "")) is None
+    assert pc.LORA_KEY.match(key.replace("base_model.model.", "")) is None
 
 
 def test_head_and_bottleneck_keys() -> None:
-    assert fmt.HEAD_KEY.match("base_model.model.score.modules_to_save.default.weight")["p"] == "weight"
-    assert fmt.HEAD_KEY.match("score.bias")["p"] == "bias"
-    assert fmt.HEAD_KEY.match("base_model.model.lm_head.weight") is None
-    match = fmt.BOTTLENECK_KEY.match("layers.12.attn_adapter.down.bias")
+    assert pc.HEAD_KEY.match("base_model.model.score.modules_to_save.default.weight")["p"] == "weight"
+    assert pc.HEAD_KEY.match("score.bias")["p"] == "bias"
+    assert pc.HEAD_KEY.match("base_model.model.lm_head.weight") is None
+    match = bn.BOTTLENECK_KEY.match("layers.12.attn_adapter.down.bias")
     assert match and (match["layer"], match["site"], match["proj"], match["p"]) == (
         "12",
         "attn",
         "down",
         "bias",
     )
-    assert fmt.BOTTLENECK_KEY.match("layers.1.ffn_adapter.down.weight") is None
+    assert bn.BOTTLENECK_KEY.match("layers.1.ffn_adapter.down.weight") is None
 
 
 def test_plain_lora_config_passes_and_others_are_refused_with_every_option_named(tmp_path: Path) -> None:
     path = tmp_path / fmt.ADAPTER_CONFIG
     plain = {"peft_type": "LORA", "r": 8, "bias": "none", "modules_to_save": ["score"]}
-    fmt.check_peft_options(path, plain)
-    fmt.check_peft_options(path, {})  # PEFT's defaults: a LoRA
+    pc.check_peft_options(path, plain)
+    pc.check_peft_options(path, {})  # PEFT's defaults: a LoRA
     with pytest.raises(CorruptAdapterError, match="PEFT type 'PREFIX_TUNING'"):
-        fmt.check_peft_type(path, {"peft_type": "PREFIX_TUNING"})
-    fmt.check_peft_type(path, {"peft_type": "LORA", "use_dora": True})  # the type alone is fine
+        pc.check_peft_type(path, {"peft_type": "PREFIX_TUNING"})
+    pc.check_peft_type(path, {"peft_type": "LORA", "use_dora": True})  # the type alone is fine
     fancy = {**plain, "use_dora": True, "bias": "all", "modules_to_save": ["score", "lm_head"]}
     with pytest.raises(CorruptAdapterError) as info:
-        fmt.check_peft_options(path, fancy)
+        pc.check_peft_options(path, fancy)
     message = str(info.value)
     assert "DoRA" in message and "bias='all'" in message and "lm_head" in message and str(path) in message
 
 
 def test_pattern_value_matches_the_end_of_a_module_path() -> None:
     pattern = {"q_proj": 16, r"layers\.1\.mlp\.up_proj": 4}
-    assert fmt.pattern_value(pattern, "model.layers.0.self_attn.q_proj", 8) == 16
-    assert fmt.pattern_value(pattern, "model.layers.1.mlp.up_proj", 8) == 4
-    assert fmt.pattern_value(pattern, "model.layers.0.self_attn.k_proj", 8) == 8
-    assert fmt.pattern_value(None, "x", 2.0) == 2.0
+    assert pc.pattern_value(pattern, "model.layers.0.self_attn.q_proj", 8) == 16
+    assert pc.pattern_value(pattern, "model.layers.1.mlp.up_proj", 8) == 4
+    assert pc.pattern_value(pattern, "model.layers.0.self_attn.k_proj", 8) == 8
+    assert pc.pattern_value(None, "x", 2.0) == 2.0
 
 
 def test_peft_config_fields_are_typed_and_ranged_all_problems_at_once() -> None:
@@ -207,7 +212,7 @@ def test_peft_config_fields_are_typed_and_ranged_all_problems_at_once() -> None:
               "alpha_pattern": {"down_proj": {"x": 1}}, "use_rslora": "yes", "modules_to_save": "score",
               "loftq_config": [[[[[1]]]]]}  # fmt: skip
     with pytest.raises(CorruptAdapterError) as info:
-        fmt.check_peft_config(Path("adapter_config.json"), config)
+        pc.check_peft_config(Path("adapter_config.json"), config)
     message = str(info.value)
     fields = [
         "'r'",
@@ -220,7 +225,7 @@ def test_peft_config_fields_are_typed_and_ranged_all_problems_at_once() -> None:
         assert field in message, (field, message)
     assert "regular expressions are not accepted" in message  # the remedy for pattern keys
     valid = {"r": 8, "lora_alpha": 16.0, "rank_pattern": {"q_proj": 4}, "target_modules": ["q_proj"]}
-    fmt.check_peft_config(Path("x"), {**valid, "bias": "none", "layer_replication": None})
+    pc.check_peft_config(Path("x"), {**valid, "bias": "none", "layer_replication": None})
 
 
 KEYS = ["q_proj", "proj", "q.proj", r"q\.proj", "self_attn.q_proj", "layers.0.self_attn.q_proj",
@@ -236,7 +241,7 @@ def test_pattern_keys_match_as_peft_reads_them_without_re(key: str) -> None:
 
     for module in MODULES:
         peft = re.match(rf"(.*\.)?({key})$", module) is not None
-        assert fmt.pattern_value({key: 4}, module, 8) == (4 if peft else 8), (key, module)
+        assert pc.pattern_value({key: 4}, module, 8) == (4 if peft else 8), (key, module)
 
 
 def test_a_pattern_key_that_would_freeze_re_never_matches_and_costs_nothing() -> None:
@@ -245,7 +250,7 @@ def test_a_pattern_key_that_would_freeze_re_never_matches_and_costs_nothing() ->
     started = time.perf_counter()
     for _ in range(1000):
         assert (
-            fmt.pattern_value({"(.|.)*(.|.)*(.|.)*Q" * 10: 4}, "model.layers.0.self_attn.q_proj" * 8, 8) == 8
+            pc.pattern_value({"(.|.)*(.|.)*(.|.)*Q" * 10: 4}, "model.layers.0.self_attn.q_proj" * 8, 8) == 8
         )
     assert time.perf_counter() - started < 1
 
@@ -263,27 +268,27 @@ GOOD_BOTTLENECK = {
 
 
 def test_bottleneck_config_round_trips_and_lists_every_problem(tmp_path: Path) -> None:
-    config = fmt.BottleneckConfig.from_dict(GOOD_BOTTLENECK)
+    config = bn.BottleneckConfig.from_dict(GOOD_BOTTLENECK)
     assert config.num_labels is None and config.adapter_type == "bottleneck"
     bad = {**GOOD_BOTTLENECK, "variant": "lora", "non_linearity": "tanh", "bottleneck_size": 0}
-    assert len(fmt.bottleneck_problems(bad)) == 3
+    assert len(bn.bottleneck_problems(bad)) == 3
     with pytest.raises(CorruptAdapterError) as info:
-        fmt.BottleneckConfig.from_dict(bad, tmp_path / fmt.BOTTLENECK_CONFIG)
+        bn.BottleneckConfig.from_dict(bad, tmp_path / fmt.BOTTLENECK_CONFIG)
     assert all(word in str(info.value) for word in ("'lora'", "'tanh'", "bottleneck_size 0"))
     with pytest.raises(CorruptAdapterError, match="unknown field 'extra'.*missing field 'num_layers'"):
-        fmt.BottleneckConfig.from_dict(
+        bn.BottleneckConfig.from_dict(
             {**{k: v for k, v in GOOD_BOTTLENECK.items() if k != "num_layers"}, "extra": 1}
         )
     with pytest.raises(CorruptAdapterError, match="not a JSON object"):
-        fmt.BottleneckConfig.from_dict([])  # type: ignore[arg-type]
+        bn.BottleneckConfig.from_dict([])  # type: ignore[arg-type]
 
 
 def test_bottleneck_fits_only_its_hidden_size_and_depth() -> None:
-    fmt.check_bottleneck_fits(GOOD_BOTTLENECK, 256, 4, "x")
+    bn.check_bottleneck_fits(GOOD_BOTTLENECK, 256, 4, "x")
     with pytest.raises(BaseMismatchError, match="hidden size 256 and 4 layers; base b has 512 and 4"):
-        fmt.check_bottleneck_fits(GOOD_BOTTLENECK, 512, 4, "x", base_name="base b")
+        bn.check_bottleneck_fits(GOOD_BOTTLENECK, 512, 4, "x", base_name="base b")
     with pytest.raises(BaseMismatchError, match="None layers"):
-        fmt.check_bottleneck_fits({**GOOD_BOTTLENECK, "num_layers": None}, 256, 4, "x")
+        bn.check_bottleneck_fits({**GOOD_BOTTLENECK, "num_layers": None}, 256, 4, "x")
 
 
 def test_every_reader_of_the_format_knows_the_same_activations() -> None:
@@ -291,7 +296,7 @@ def test_every_reader_of_the_format_knows_the_same_activations() -> None:
     from server.lora_batch import ACTIVATION_FNS
     from trainers.methods.bottleneck import ACTIVATIONS
 
-    assert set(ACTIVATION_FNS) == set(ACTIVATIONS) == set(fmt.BOTTLENECK_ACTIVATIONS)
+    assert set(ACTIVATION_FNS) == set(ACTIVATIONS) == set(bn.BOTTLENECK_ACTIVATIONS)
 
 
 # ---- bases --------------------------------------------------------------------------------------------

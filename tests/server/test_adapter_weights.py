@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from hub.adapter_format import read_header
 from hub.errors import BaseMismatchError, CorruptAdapterError
+from hub.safetensors_header import read_header
 from server.adapter_weights import BaseLayout, read_adapter
 
 WEIGHTS = "adapter_model.safetensors"

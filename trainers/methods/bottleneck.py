@@ -7,9 +7,9 @@ forward hook to the output of a block's attention `o_proj` (Houlsby only) and ML
 Folder: `bottleneck_config.json` + `adapter_model.safetensors` with tensors
 `layers.{i}.attn_adapter.{down,up}.{weight,bias}`, `layers.{i}.mlp_adapter.{down,up}.{weight,bias}`
 and, for task heads, `score.weight`. The format's rules (file names, the `bottleneck_config.json`
-schema, variants, activations) are `hub.adapter_format`'s. Boundary: torch, safetensors, hub and the
-`trainers.methods.Method` interface (no PEFT); the server reads these folders with its own code
-(`server.adapter_weights`), not this module.
+schema, variants, activations) are `hub.adapter_format`'s and `hub.bottleneck_format`'s. Boundary:
+torch, safetensors, hub and the `trainers.methods.Method` interface (no PEFT); the server reads these
+folders with its own code (`server.adapter_weights`), not this module.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 
 from hub.adapter_format import BOTTLENECK_CONFIG as CONFIG_NAME
 from hub.adapter_format import WEIGHTS_FILE as WEIGHTS_NAME
-from hub.adapter_format import BottleneckConfig
+from hub.bottleneck_format import BottleneckConfig
 from hub.errors import CorruptAdapterError
 from trainers.methods import Method
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
-"""`hub.adapter_format.BOTTLENECK_ACTIVATIONS` as torch modules."""
+"""`hub.bottleneck_format.BOTTLENECK_ACTIVATIONS` as torch modules."""
 HEAD_NAMES = ("score.weight", "score.bias")
 
 
