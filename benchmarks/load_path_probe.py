@@ -27,7 +27,8 @@ from transformers import AutoModelForCausalLM
 
 from benchmarks.serve_bench import make_adapters
 from hub.bases import resolve_base
-from hub.store import LocalStore, verify_files
+from hub.store import LocalStore
+from hub.version_folder import verify_files
 from server.adapter_weights import BaseLayout, read_adapter
 from server.lora_batch import AdapterBanks
 

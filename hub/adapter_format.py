@@ -1,9 +1,10 @@
 """The adapter folder: what it holds, how its config is read, what is refused, which base it meets.
 
 The on-disk adapter format is owned by this module and three beside it, one concern each:
-- here: the folder's file names, reading its JSON config (`load_config`, size-capped), its weights file,
-  pickle refusal (adapterdock never unpickles), `check_base` (an adapter meets the base it was trained on,
-  same fingerprint, else `BaseMismatchError`), and the remedies and JSON-value tests the other three share;
+- here: the folder's file names and kind (`detect_adapter_format`), reading its JSON config (`load_config`,
+  size-capped), its weights file, pickle refusal (adapterdock never unpickles), `check_base` (an adapter meets
+  the base it was trained on, same fingerprint, else `BaseMismatchError`), and the remedies and JSON-value
+  tests the other three share;
 - `hub.safetensors_header`: safetensors headers parsed with one set of limits, every tensor entry checked;
 - `hub.peft_config`: PEFT LoRA tensor names, `adapter_config.json` fields, refused options, pattern keys;
 - `hub.bottleneck_format`: the `bottleneck_config.json` schema, its variants and activations.
@@ -30,6 +31,20 @@ MAX_CONFIG_BYTES = 1 << 20
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 REEXPORT = "Re-export it with save_pretrained(..., safe_serialization=True) from the training run."
 SAFE_SAVE = "Save with save_pretrained(..., safe_serialization=True); pickled .bin files are refused."
+
+
+def detect_adapter_format(folder: Path) -> str:
+    """Tell PEFT, bottleneck and full-model folders apart by their config file."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return "peft"
+    if (folder / BOTTLENECK_CONFIG).is_file():
+        return "bottleneck"
+    if (folder / "config.json").is_file():
+        return "hf-model"
+    raise CorruptAdapterError(
+        f"{folder} holds no adapter_config.json, bottleneck_config.json or config.json.",
+        "Point at a folder written by PEFT's save_pretrained, an adapterdock trainer, or a HF model folder.",
+    )
 
 
 def refuse_pickles(folder: Path) -> None:

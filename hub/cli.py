@@ -12,13 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from hub.adapter_format import detect_adapter_format
 from hub.bases import describe_base, resolve_base
 from hub.builtin_bases import BUILTIN_BASES, create_builtin_base
 from hub.compat import check_fits_base
 from hub.errors import AdapterDockError, BaseMismatchError
 from hub.manifest import TASKS, Manifest
 from hub.remote_cli import add_remote_commands
-from hub.store import LocalStore, default_registry_root, detect_adapter_format
+from hub.store import LocalStore, default_registry_root
 
 REGISTRY_HELP = "registry folder (default: $ADAPTERDOCK_REGISTRY or ./adapters)"
 

@@ -54,7 +54,8 @@ from hub.errors import (
 from hub.hub_http import HubReader, PullLimits
 from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest
 from hub.ref import AdapterRef, validate_name, validate_repo_id
-from hub.store import LocalStore, verify_files
+from hub.store import LocalStore
+from hub.version_folder import verify_files
 
 logger = logging.getLogger(__name__)
 

@@ -4,14 +4,14 @@ Layout: `<root>/<name>/<version>/` holds the adapter files, `manifest.json` and 
 `<root>/<name>/tags.json` maps movable tags to versions (`latest` is always the highest version).
 Boundary: files and manifests only. Writes are atomic: a version is built in `<root>/.staging/`, checked,
 fsynced, then renamed into place under a per-name lock, so readers never see a partial version and
-concurrent writers get distinct versions.
+concurrent writers get distinct versions. What one version folder holds (file entries, checks, card) is
+`hub.version_folder`'s; fsync and atomic writes are `hub.durable`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -23,17 +23,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hub.adapter_format import refuse_pickles
+from hub.adapter_format import detect_adapter_format, refuse_pickles
+from hub.durable import fsync_dir, fsync_tree, make_dirs, write_atomic
 from hub.errors import (
     AdapterNotFoundError,
-    ChecksumMismatchError,
     CorruptAdapterError,
     InvalidReferenceError,
     ManifestError,
     RegistryError,
 )
-from hub.manifest import MANIFEST_FILE, BaseSpec, FileEntry, Manifest, utc_now
+from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest, utc_now
 from hub.ref import AdapterRef, validate_name, validate_tag
+from hub.version_folder import copy_files, file_entry, render_card, verify_files
 
 logger = logging.getLogger(__name__)
 
@@ -56,101 +57,6 @@ class StoredAdapter:
 def default_registry_root() -> Path:
     """The registry root: `$ADAPTERDOCK_REGISTRY`, else `./adapters`."""
     return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY)
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def detect_adapter_format(folder: Path) -> str:
-    """Tell PEFT, bottleneck and full-model folders apart by their config file."""
-    if (folder / "adapter_config.json").is_file():
-        return "peft"
-    if (folder / "bottleneck_config.json").is_file():
-        return "bottleneck"
-    if (folder / "config.json").is_file():
-        return "hf-model"
-    raise CorruptAdapterError(
-        f"{folder} holds no adapter_config.json, bottleneck_config.json or config.json.",
-        "Point at a folder written by PEFT's save_pretrained, an adapterdock trainer, or a HF model folder.",
-    )
-
-
-def verify_files(folder: Path, manifest: Manifest) -> None:
-    """Check every file the manifest lists against its size and sha256.
-
-    Raises:
-        ChecksumMismatchError: naming the first file that is missing or differs.
-    """
-    for fname, entry in sorted(manifest.files.items()):
-        path = folder / fname
-        if not path.is_file():
-            raise ChecksumMismatchError(f"{manifest.ref}: file {fname} is missing.", path=str(path))
-        size = path.stat().st_size
-        if entry.size >= 0 and size != entry.size:
-            raise ChecksumMismatchError(
-                f"{manifest.ref}: file {fname} is {size} bytes, the manifest says {entry.size}.",
-                path=str(path),
-            )
-        if sha256_file(path) != entry.sha256:
-            raise ChecksumMismatchError(
-                f"{manifest.ref}: file {fname} does not match its sha256.", path=str(path)
-            )
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def make_dirs(path: Path) -> None:
-    """`mkdir -p path`, durably: each folder created is fsynced into its parent, so it survives a crash.
-
-    A rename into a new folder is only durable once that folder's own entry in its parent is.
-    """
-    path = Path(path)
-    missing: list[Path] = []
-    current = path
-    while not current.is_dir():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for folder in reversed(missing):
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            if not folder.is_dir():
-                raise
-        fsync_dir(folder.parent)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` all or nothing: a hidden temporary file beside it, fsynced, renamed over it.
-
-    Readers see the old content or the new, never a torn file; on any error the temporary file is removed.
-    """
-    make_dirs(path.parent)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 class LocalStore:
@@ -275,7 +181,7 @@ class LocalStore:
         refuse_pickles(src)
         staging = self._staging_dir()
         try:
-            files = self._copy_into(src, staging)
+            files = copy_files(src, staging)
             manifest = replace(manifest, files=files, created_at=manifest.created_at or utc_now())
             with self._locked(manifest.name) as name_dir:
                 if keep_version:
@@ -289,10 +195,10 @@ class LocalStore:
                 manifest = replace(manifest, version=version)
                 if not (staging / "README.md").exists():
                     (staging / "README.md").write_text(render_card(manifest), encoding="utf-8")
-                    manifest.files["README.md"] = _entry(staging / "README.md")
+                    manifest.files["README.md"] = file_entry(staging / "README.md")
                 manifest.save(staging)
                 for path in staging.iterdir():
-                    _fsync_file(path)
+                    fsync_tree(path)
                 verify_files(staging, manifest)
                 fsync_dir(staging)
                 os.rename(staging, name_dir / str(version))
@@ -308,22 +214,6 @@ class LocalStore:
             raise
         logger.info("registered %s (%s, %s) in %s", manifest.ref, manifest.task, manifest.method, self.root)
         return manifest
-
-    def _copy_into(self, src: Path, dst: Path) -> dict[str, FileEntry]:
-        files: dict[str, FileEntry] = {}
-        for path in sorted(src.rglob("*")):
-            rel = path.relative_to(src)
-            if path.is_symlink():
-                raise CorruptAdapterError(
-                    f"{path} is a symbolic link.", "Copy the real file into the folder."
-                )
-            if path.is_dir() or rel.name == MANIFEST_FILE and len(rel.parts) == 1:
-                continue
-            target = dst / rel
-            make_dirs(target.parent)
-            shutil.copyfile(path, target)
-            files[rel.as_posix()] = _entry(target)
-        return files
 
     def _existing_copy(self, name_dir: Path, manifest: Manifest) -> Manifest | None:
         """The registered `manifest.version` when it holds exactly `manifest.files`; None when absent.
@@ -503,34 +393,5 @@ class LocalStore:
         return targets
 
 
-def _entry(path: Path) -> FileEntry:
-    return FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
-
-
-def _fsync_file(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            _fsync_file(child)
-        fsync_dir(path)  # the entries of a sub-folder, not only its files' bytes
-        return
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _fmt(versions: list[int]) -> str:
     return ", ".join(str(v) for v in versions) if versions else "none"
-
-
-def render_card(manifest: Manifest) -> str:
-    """A minimal model card for a version registered without one."""
-    metrics = "\n".join(f"| {k} | {v} |" for k, v in sorted(manifest.metrics.items())) or "| - | - |"
-    labels = ", ".join(manifest.labels) if manifest.labels else "-"
-    return (
-        f"---\nlibrary_name: peft\nbase_model: {manifest.base.name_or_path}\ntags:\n- adapterdock\n"
-        f"- {manifest.task}\n- {manifest.method}\n---\n\n"
-        f"# {manifest.name} v{manifest.version}\n\n"
-        f"{manifest.description or 'A ' + manifest.task + ' adapter registered with adapterdock.'}\n\n"
-        f"- task: {manifest.task}\n- method: {manifest.method}\n"
-        f"- base: {manifest.base.name_or_path} ({manifest.base.fingerprint})\n- labels: {labels}\n\n"
-        f"| metric | value |\n|---|---|\n{metrics}\n"
-    )

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from hub.adapter_format import ADAPTER_CONFIG, WEIGHTS_FILE, load_config
 from hub.bases import BaseInfo, resolve_base
+from hub.durable import sha256_file
 from hub.errors import BaseMismatchError, ChecksumMismatchError
 from hub.manifest import Manifest
-from hub.store import LocalStore, StoredAdapter, sha256_file
+from hub.store import LocalStore, StoredAdapter
 from hub.vllm_resolver import check_servable
 
 logger = logging.getLogger(__name__)

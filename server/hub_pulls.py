@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.store import write_atomic
+from hub.durable import write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,8 @@ from hub.errors import (
 )
 from hub.manifest import Manifest
 from hub.ref import AdapterRef
-from hub.store import LocalStore, verify_files
+from hub.store import LocalStore
+from hub.version_folder import verify_files
 from server.errors import FullModelError, HubNotConfiguredError, WrongTaskError
 from server.hub_pulls import HubPullRecord, PulledAt
 

@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 from typing import BinaryIO
 
+from hub.durable import fsync_dir, make_dirs, sha256_file
 from hub.service.errors import CorruptBlobError, UnprocessableError
-from hub.store import fsync_dir, make_dirs, sha256_file
 
 logger = logging.getLogger(__name__)
 

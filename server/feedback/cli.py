@@ -24,9 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from hub.durable import write_atomic
 from hub.errors import AdapterDockError
 from hub.ref import AdapterRef
-from hub.store import LocalStore, write_atomic
+from hub.store import LocalStore
 from server.feedback.aggregate import Verdict, export_rows, rater_agreement, verdict, win_rates
 from server.feedback.records import Judgement, Pair
 from server.feedback.store import FeedbackStore, default_db_path
@@ -189,7 +190,7 @@ def _agreement_text(agreement: dict[str, Any]) -> str:
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write `rows` atomically (`hub.store.write_atomic`): readers never see a half-written export."""
+    """Write `rows` atomically (`hub.durable.write_atomic`): readers never see a half-written export."""
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 

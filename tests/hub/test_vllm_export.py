@@ -11,7 +11,8 @@ import pytest
 
 from adapterdock.cli import main as adapterdock
 from hub.bases import BaseInfo
-from hub.store import LocalStore, sha256_file
+from hub.durable import sha256_file
+from hub.store import LocalStore
 
 
 @pytest.fixture

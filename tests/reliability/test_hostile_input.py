@@ -25,8 +25,9 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from hub.durable import sha256_file
 from hub.manifest import FileEntry, Manifest
-from hub.store import LocalStore, sha256_file
+from hub.store import LocalStore
 from tests.reliability.conftest import (
     MAX_BODY,
     MAX_INPUT_TOKENS,
