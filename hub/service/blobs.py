@@ -4,7 +4,8 @@ A blob is received into `tmp/` while it is hashed, fsynced, checked against the 
 renamed into place, so a file under `blobs/` is always complete. `tmp/` is wiped at start-up (uploads cut
 short by a crash); blobs found corrupted are moved to `quarantine/`. Also keeps the key that signs LFS
 upload URLs (`secret`, mode 0600).
-Boundary: files only; which blobs exist for the service is the SQLite index's business (`storage.py`).
+Boundary: files only; which blobs exist for the service is the SQLite index's business (`blob_index.py`,
+`storage.py`).
 """
 
 from __future__ import annotations

@@ -11,35 +11,23 @@ Atomicity: a blob is written to tmp/, fsynced, checked against its sha256 and re
 index knows it. A commit is one SQLite transaction (`BEGIN IMMEDIATE`) that inserts the commit and its full
 file list and moves the branch, so a reader sees the previous commit or the new one, never a half-made one; a
 process killed mid-upload leaves at most an orphan blob or a tmp file.
+The index's schema and transactions are `index_db`'s, commits `commits`', branches and tags `refs`', blob
+references and gc `blob_index`'s; `Storage` is the one object the routes use, and holds repos and tokens.
 Boundary: no HTTP and no auth decisions; names are validated by the caller (`hub.service.names`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import sqlite3
-import time
-import uuid
-from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
+from hub.service import blob_index, commits, refs
 from hub.service.blobs import BlobStore, BlobUpload
-from hub.service.errors import (
-    ConflictError,
-    CorruptBlobError,
-    EntryNotFoundError,
-    RepoNotFoundError,
-    RevisionNotFoundError,
-    UnprocessableError,
-)
-from hub.service.names import COMMIT_OID
+from hub.service.errors import ConflictError, CorruptBlobError, RepoNotFoundError, RevisionNotFoundError
+from hub.service.index_db import connect, create_index, transaction
 from hub.service.records import (
     AddFile,
     CommitRecord,
-    DeleteFile,
     FileRecord,
     Operation,
     RepoRecord,
@@ -57,26 +45,6 @@ INITIAL_GITATTRIBUTES = (
     b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"
 )
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS repos(
-    repo_id TEXT PRIMARY KEY, private INTEGER NOT NULL, owner TEXT, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS commits(
-    oid TEXT PRIMARY KEY, repo_id TEXT NOT NULL, parent TEXT, summary TEXT NOT NULL,
-    description TEXT NOT NULL, author TEXT, created_at TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS commits_by_repo ON commits(repo_id);
-CREATE TABLE IF NOT EXISTS files(
-    commit_oid TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
-    git_oid TEXT NOT NULL, lfs INTEGER NOT NULL, PRIMARY KEY(commit_oid, path));
-CREATE TABLE IF NOT EXISTS refs(
-    repo_id TEXT NOT NULL, kind TEXT NOT NULL CHECK(kind IN ('branch', 'tag')), name TEXT NOT NULL,
-    commit_oid TEXT NOT NULL, PRIMARY KEY(repo_id, kind, name));
-CREATE TABLE IF NOT EXISTS blobs(sha256 TEXT PRIMARY KEY, size INTEGER NOT NULL, created_at TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS repo_blobs(
-    repo_id TEXT NOT NULL, sha256 TEXT NOT NULL, PRIMARY KEY(repo_id, sha256));
-CREATE TABLE IF NOT EXISTS tokens(
-    token_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, access TEXT NOT NULL, repos TEXT NOT NULL);
-"""
-
 
 class Storage:
     """Blobs plus the SQLite index of one hub service root. Thread-safe; one instance per process."""
@@ -87,31 +55,7 @@ class Storage:
         self.blobs = BlobStore(self.root, clean_tmp=clean_tmp)
         self.secret = self.blobs.secret
         self.db_path = self.root / "index.sqlite"
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.executescript(_SCHEMA)
-
-    # ---- plumbing ------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA busy_timeout=30000")
-            yield db
-        finally:
-            db.close()
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._connect() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+        create_index(self.db_path)
 
     # ---- blobs ---------------------------------------------------------------------------------
     def begin_upload(self) -> BlobUpload:
@@ -124,12 +68,10 @@ class Storage:
             UnprocessableError: the bytes do not hash to `expected_sha256` (nothing is kept).
         """
         sha256 = self.blobs.seal(upload, expected_sha256)  # the long fsync, outside the write lock
-        with self._transaction() as db:  # the rename inside: `collect` cannot unlink a blob being re-added
+        # the rename inside the transaction: `collect` cannot unlink a blob being re-added
+        with transaction(self.db_path) as db:
             size = self.blobs.place(upload, sha256)
-            db.execute(
-                "INSERT OR REPLACE INTO blobs(sha256, size, created_at) VALUES (?, ?, ?)",
-                (sha256, size, utc_now()),
-            )
+            blob_index.index_blob(db, sha256, size)
         return sha256, size
 
     def put_bytes(self, data: bytes) -> tuple[str, int]:
@@ -140,9 +82,8 @@ class Storage:
 
     def blob_size(self, sha256: str) -> int | None:
         """The indexed size of a blob, None when it is not stored."""
-        with self._connect() as db:
-            row = db.execute("SELECT size FROM blobs WHERE sha256 = ?", (sha256,)).fetchone()
-        return None if row is None else int(row[0])
+        with connect(self.db_path) as db:
+            return blob_index.indexed_size(db, sha256)
 
     def has_blob(self, sha256: str, size: int) -> bool:
         """True if the blob is indexed with `size` and its bytes on disk still match (corrupt ones are
@@ -153,8 +94,8 @@ class Storage:
             self.blobs.verify(sha256, size)
         except CorruptBlobError:
             self.blobs.quarantine(sha256)
-            with self._transaction() as db:
-                db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
+            with transaction(self.db_path) as db:
+                blob_index.unindex_blob(db, sha256)
             return False
         return True
 
@@ -166,15 +107,12 @@ class Storage:
 
     def claim(self, repo_id: str, sha256: str) -> None:
         """Record that `repo_id` uploaded `sha256`, so its commits may reference it."""
-        with self._transaction() as db:
-            db.execute("INSERT OR IGNORE INTO repo_blobs(repo_id, sha256) VALUES (?, ?)", (repo_id, sha256))
+        with transaction(self.db_path) as db:
+            blob_index.claim(db, repo_id, sha256)
 
     def is_claimed(self, repo_id: str, sha256: str) -> bool:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT 1 FROM repo_blobs WHERE repo_id = ? AND sha256 = ?", (repo_id, sha256)
-            ).fetchone()
-        return row is not None
+        with connect(self.db_path) as db:
+            return blob_index.is_claimed(db, repo_id, sha256)
 
     # ---- repos ---------------------------------------------------------------------------------
     def create_repo(self, repo_id: str, private: bool, owner: str | None) -> RepoRecord:
@@ -189,7 +127,7 @@ class Storage:
         sha256, size = self.put_bytes(INITIAL_GITATTRIBUTES)
         record = RepoRecord(repo_id, private, owner, utc_now())
         add = AddFile(".gitattributes", sha256, size, False, git_blob_oid(INITIAL_GITATTRIBUTES))
-        with self._transaction() as db:
+        with transaction(self.db_path) as db:
             if db.execute("SELECT 1 FROM repos WHERE repo_id = ?", (repo_id,)).fetchone():
                 raise ConflictError(f"Repo {repo_id} already exists.", "Use it, or pick another name.")
             namespace = repo_id.split("/")[0]
@@ -205,12 +143,12 @@ class Storage:
                 "INSERT INTO repos(repo_id, private, owner, created_at) VALUES (?, ?, ?, ?)",
                 (repo_id, int(private), owner, record.created_at),
             )
-            self._write_commit(db, repo_id, "main", None, {}, [add], "initial commit", "", owner)
+            commits.write_commit(db, repo_id, "main", None, {}, [add], "initial commit", "", owner)
         logger.info("created repo %s (private=%s)", repo_id, private)
         return record
 
     def get_repo(self, repo_id: str) -> RepoRecord:
-        with self._connect() as db:
+        with connect(self.db_path) as db:
             row = db.execute(
                 "SELECT repo_id, private, owner, created_at FROM repos WHERE repo_id = ?", (repo_id,)
             ).fetchone()
@@ -219,14 +157,14 @@ class Storage:
         return RepoRecord(row[0], bool(row[1]), row[2], row[3])
 
     def list_repos(self) -> list[RepoRecord]:
-        with self._connect() as db:
+        with connect(self.db_path) as db:
             rows = db.execute(
                 "SELECT repo_id, private, owner, created_at FROM repos ORDER BY repo_id"
             ).fetchall()
         return [RepoRecord(r[0], bool(r[1]), r[2], r[3]) for r in rows]
 
     def set_private(self, repo_id: str, private: bool) -> None:
-        with self._transaction() as db:
+        with transaction(self.db_path) as db:
             if not db.execute(
                 "UPDATE repos SET private = ? WHERE repo_id = ?", (int(private), repo_id)
             ).rowcount:
@@ -238,7 +176,7 @@ class Storage:
         Returns:
             The sha256 of each blob removed.
         """
-        with self._transaction() as db:
+        with transaction(self.db_path) as db:
             if not db.execute("DELETE FROM repos WHERE repo_id = ?", (repo_id,)).rowcount:
                 raise RepoNotFoundError(f"Repository {repo_id} not found.")
             used = {
@@ -271,24 +209,9 @@ class Storage:
         Returns:
             The sha256 of each blob removed.
         """
-        cutoff = datetime.fromtimestamp(time.time() - min_age_s, timezone.utc)
-        cutoff_text = cutoff.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        removed: list[str] = []
-        with self._transaction() as db:  # unlinked inside: no upload can re-add a blob meanwhile
-            rows = db.execute(
-                "SELECT sha256 FROM blobs WHERE created_at <= ? AND sha256 NOT IN (SELECT sha256 FROM files)",
-                (cutoff_text,),
-            ).fetchall()
-            claimed = (
-                {r[0] for r in db.execute("SELECT sha256 FROM repo_blobs")} if only is not None else set()
-            )
-            for (sha256,) in rows:
-                if only is not None and (sha256 not in only or sha256 in claimed):
-                    continue
-                db.execute("DELETE FROM blobs WHERE sha256 = ?", (sha256,))
-                db.execute("DELETE FROM repo_blobs WHERE sha256 = ?", (sha256,))
-                self.blobs.remove(sha256)
-                removed.append(sha256)
+        cutoff = blob_index.age_cutoff(min_age_s)
+        with transaction(self.db_path) as db:  # unlinked inside: no upload can re-add a blob meanwhile
+            removed = blob_index.collect(db, self.blobs, cutoff, only)
         if removed:
             logger.info("collected %d unreferenced blob(s)", len(removed))
         return removed
@@ -301,66 +224,23 @@ class Storage:
             RepoNotFoundError, RevisionNotFoundError.
         """
         self.get_repo(repo_id)
-        name = revision.removeprefix("refs/heads/").removeprefix("refs/tags/")
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT commit_oid FROM refs WHERE repo_id = ? AND name = ? ORDER BY kind = 'branch'",
-                (repo_id, name),
-            ).fetchone()
-            oid = row[0] if row else None
-            if oid is None and 7 <= len(revision) <= 40 and all(c in "0123456789abcdef" for c in revision):
-                rows = db.execute(
-                    "SELECT oid FROM commits WHERE repo_id = ? AND oid LIKE ?", (repo_id, revision + "%")
-                ).fetchall()
-                oid = rows[0][0] if len(rows) == 1 else None
-            commit = self._commit(db, oid) if oid else None
-        if commit is None:
-            raise RevisionNotFoundError(f"Revision {revision!r} not found in {repo_id}.")
-        return commit
-
-    @staticmethod
-    def _commit(db: sqlite3.Connection, oid: str) -> CommitRecord | None:
-        row = db.execute(
-            "SELECT oid, repo_id, parent, summary, description, author, created_at"
-            " FROM commits WHERE oid = ?",
-            (oid,),
-        ).fetchone()
-        return CommitRecord(*row) if row else None
+        with connect(self.db_path) as db:
+            return refs.resolve_revision(db, repo_id, revision)
 
     def files(self, commit_oid: str) -> dict[str, FileRecord]:
         """Every file of a commit, by path."""
-        with self._connect() as db:
-            return self._files(db, commit_oid)
-
-    @staticmethod
-    def _files(db: sqlite3.Connection, commit_oid: str) -> dict[str, FileRecord]:
-        rows = db.execute(
-            "SELECT path, sha256, size, git_oid, lfs FROM files WHERE commit_oid = ? ORDER BY path",
-            (commit_oid,),
-        ).fetchall()
-        return {r[0]: FileRecord(r[0], r[1], r[2], r[3], bool(r[4])) for r in rows}
+        with connect(self.db_path) as db:
+            return commits.read_files(db, commit_oid)
 
     def file(self, commit_oid: str, path: str) -> FileRecord:
-        with self._connect() as db:
-            row = db.execute(
-                "SELECT path, sha256, size, git_oid, lfs FROM files WHERE commit_oid = ? AND path = ?",
-                (commit_oid, path),
-            ).fetchone()
-        if row is None:
-            raise EntryNotFoundError(f"Entry {path!r} not found at commit {commit_oid}.")
-        return FileRecord(row[0], row[1], row[2], row[3], bool(row[4]))
+        with connect(self.db_path) as db:
+            return commits.read_file(db, commit_oid, path)
 
     def refs(self, repo_id: str) -> dict[str, list[tuple[str, str]]]:
         """`{"branch": [(name, oid)], "tag": [...]}`."""
         self.get_repo(repo_id)
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT kind, name, commit_oid FROM refs WHERE repo_id = ? ORDER BY kind, name", (repo_id,)
-            ).fetchall()
-        out: dict[str, list[tuple[str, str]]] = {"branch": [], "tag": []}
-        for kind, name, oid in rows:
-            out[kind].append((name, oid))
-        return out
+        with connect(self.db_path) as db:
+            return refs.list_refs(db, repo_id)
 
     def create_ref(self, repo_id: str, kind: str, name: str, commit_oid: str) -> None:
         """Create branch or tag `name` at `commit_oid`.
@@ -371,27 +251,13 @@ class Storage:
         Raises:
             ConflictError: a branch or a tag of that name exists (tags never move once made).
         """
-        with self._transaction() as db:
-            exists = db.execute(
-                "SELECT kind FROM refs WHERE repo_id = ? AND name = ?", (repo_id, name)
-            ).fetchone()
-            if exists:
-                raise ConflictError(
-                    f"{exists[0].capitalize()} {name!r} already exists in {repo_id}; branches and tags "
-                    "share one namespace.",
-                    "Pick another name.",
-                )
-            db.execute(
-                "INSERT INTO refs(repo_id, kind, name, commit_oid) VALUES (?, ?, ?, ?)",
-                (repo_id, kind, name, commit_oid),
-            )
+        with transaction(self.db_path) as db:
+            refs.insert_ref(db, repo_id, kind, name, commit_oid)
         logger.info("%s %s of %s -> %s", kind, name, repo_id, commit_oid)
 
     def delete_ref(self, repo_id: str, kind: str, name: str) -> None:
-        with self._transaction() as db:
-            deleted = db.execute(
-                "DELETE FROM refs WHERE repo_id = ? AND kind = ? AND name = ?", (repo_id, kind, name)
-            ).rowcount
+        with transaction(self.db_path) as db:
+            deleted = refs.remove_ref(db, repo_id, kind, name)
         if not deleted:
             raise RevisionNotFoundError(f"No {kind} {name!r} in {repo_id}.")
 
@@ -412,104 +278,27 @@ class Storage:
             RevisionNotFoundError: no such branch. ConflictError: `parent_commit` is not the branch head.
             EntryNotFoundError: deleting a path that does not exist. UnprocessableError: a missing blob.
         """
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT commit_oid FROM refs WHERE repo_id = ? AND kind = 'branch' AND name = ?",
-                (repo_id, branch),
-            ).fetchone()
-            if row is None:
-                raise RevisionNotFoundError(
-                    f"Branch {branch!r} not found in {repo_id}.", "Create it first (HfApi.create_branch)."
-                )
-            head = row[0]
-            if parent_commit is not None and not head.startswith(parent_commit):
-                raise ConflictError(
-                    f"Branch {branch!r} of {repo_id} is at {head}, not at parent commit {parent_commit}.",
-                    "Someone pushed meanwhile: fetch the new head and commit again.",
-                )
-            files = self._files(db, head)
-            commit = self._write_commit(
-                db, repo_id, branch, head, files, operations, summary, description, author
+        with transaction(self.db_path) as db:
+            commit = commits.commit_on_branch(
+                db, repo_id, branch, operations, summary, description, author, parent_commit
             )
         logger.info("commit %s on %s@%s (%d operations)", commit.oid[:12], repo_id, branch, len(operations))
         return commit
 
-    def _write_commit(
-        self,
-        db: sqlite3.Connection,
-        repo_id: str,
-        branch: str,
-        parent: str | None,
-        files: dict[str, FileRecord],
-        operations: list[Operation],
-        summary: str,
-        description: str,
-        author: str | None,
-    ) -> CommitRecord:
-        files = dict(files)
-        for op in operations:
-            if isinstance(op, AddFile):
-                row = db.execute("SELECT size FROM blobs WHERE sha256 = ?", (op.sha256,)).fetchone()
-                if row is None or row[0] != op.size:
-                    raise UnprocessableError(
-                        f"The content of {op.path!r} (sha256:{op.sha256}, {op.size} B) was never uploaded.",
-                        "Upload it through the LFS batch endpoint before committing.",
-                    )
-                files[op.path] = FileRecord(op.path, op.sha256, op.size, op.git_oid, op.lfs)
-            elif isinstance(op, DeleteFile):
-                if files.pop(op.path, None) is None:
-                    raise EntryNotFoundError(f"A file with this name doesn't exist: {op.path!r}.")
-            else:
-                prefix = op.path.rstrip("/") + "/"
-                doomed = [p for p in files if p.startswith(prefix)]
-                if not doomed:
-                    raise EntryNotFoundError(f"A folder with this name doesn't exist: {op.path!r}.")
-                for p in doomed:
-                    del files[p]
-        created_at = utc_now()
-        tree = "".join(f"{p}\0{f.git_oid}\n" for p, f in sorted(files.items()))
-        oid = hashlib.sha1(
-            f"tree {hashlib.sha1(tree.encode()).hexdigest()}\nparent {parent}\nauthor {author} {created_at}\n"
-            f"nonce {uuid.uuid4().hex}\n\n{summary}\n{description}".encode()
-        ).hexdigest()
-        assert COMMIT_OID.match(oid)
-        db.execute(
-            "INSERT INTO commits(oid, repo_id, parent, summary, description, author, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (oid, repo_id, parent, summary, description, author, created_at),
-        )
-        db.executemany(
-            "INSERT INTO files(commit_oid, path, sha256, size, git_oid, lfs) VALUES (?, ?, ?, ?, ?, ?)",
-            [(oid, f.path, f.sha256, f.size, f.git_oid, int(f.lfs)) for f in files.values()],
-        )
-        db.execute(
-            "INSERT OR REPLACE INTO refs(repo_id, kind, name, commit_oid) VALUES (?, 'branch', ?, ?)",
-            (repo_id, branch, oid),
-        )
-        return CommitRecord(oid, repo_id, parent, summary, description, author, created_at)
-
     def history(self, commit_oid: str, limit: int = 1000) -> list[CommitRecord]:
         """The commit and its ancestors, newest first."""
-        out: list[CommitRecord] = []
-        with self._connect() as db:
-            oid: str | None = commit_oid
-            while oid and len(out) < limit:
-                commit = self._commit(db, oid)
-                if commit is None:
-                    break
-                out.append(commit)
-                oid = commit.parent
-        return out
+        with connect(self.db_path) as db:
+            return commits.read_history(db, commit_oid, limit)
 
     # ---- tokens --------------------------------------------------------------------------------
     def replace_tokens(self, rows: list[tuple[str, str, str, str]]) -> None:
         """Replace every stored token by `rows` of (token_sha256, user, access, repos-globs-csv)."""
-        with self._transaction() as db:
+        with transaction(self.db_path) as db:
             db.execute("DELETE FROM tokens")
             db.executemany("INSERT INTO tokens(token_sha256, user, access, repos) VALUES (?, ?, ?, ?)", rows)
 
     def tokens(self) -> list[tuple[str, str, str, str]]:
-        with self._connect() as db:
+        with connect(self.db_path) as db:
             return [tuple(r) for r in db.execute("SELECT token_sha256, user, access, repos FROM tokens")]
 
 
