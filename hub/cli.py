@@ -97,7 +97,8 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
                           epilog="example:\n  adapterdock hub show sentiment@2")  # fmt: skip
     show.add_argument("ref", help="NAME, NAME@VERSION or NAME@TAG")
     show.add_argument("--resolve", action="store_true",
-                      help="print only the immutable NAME@VERSION the reference names now (send that to vLLM)")  # fmt: skip
+                      help="print only the immutable NAME@VERSION the reference names now "
+                           "(send that to vLLM)")  # fmt: skip
 
     rm = sub.add_parser(
         "rm",
