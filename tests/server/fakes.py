@@ -170,9 +170,10 @@ class FakeScheduler:
     async def ner(self, adapter: FakeAdapter, inputs: list[TaskInput]) -> list[list[dict]]:
         """The first word as a person (of inputs tokenized with their offsets, as the engine needs)."""
         assert all(item.offsets is not None for item in inputs), "NER inputs carry token offsets"
+        words = [item.text.split()[:1] for item in inputs]  # whitespace-only inputs have no entity
         return [
-            [{"type": "PER", "text": w, "start": 0, "end": len(w), "score": 0.9}]
-            for w in (item.text.split()[0] for item in inputs)
+            [{"type": "PER", "text": w, "start": 0, "end": len(w), "score": 0.9} for w in first]
+            for first in words
         ]
 
     async def score(self, adapter: FakeAdapter, inputs: list[TaskInput]) -> list[float]:
