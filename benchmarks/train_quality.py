@@ -63,7 +63,7 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
             "lr": {"lora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "full": 5e-5},
         },
         "ner": {
-            "steps": 300, "batch_size": 16, "max_length": 64, "rank": 16,
+            "steps": 200, "batch_size": 16, "max_length": 48, "rank": 16,
             "lr": {"lora": 1e-3, "qlora": 1e-3, "bottleneck": 1e-3, "full": 1e-4},
         },
         "instruction": {
