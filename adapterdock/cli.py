@@ -12,7 +12,7 @@ import sys
 from adapterdock import __version__
 
 GROUPS: dict[str, tuple[str, str]] = {
-    "base": ("hub.cli:main_base", "create and inspect base models (tiny, small, HF folders)"),
+    "base": ("hub.cli:main_base", "create and inspect base models (smollm2-135m, tiny, small, HF folders)"),
     "train": ("trainers.cli:main", "train an adapter: classification, ner, instruction, reward, dpo, ppo"),
     "hub": ("hub.cli:main", "the adapter registry: list, show, tag, rm, import, push, pull, serve"),
     "export": ("hub.export_cli:main", "write registry adapters out for another server: vllm"),

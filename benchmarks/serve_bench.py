@@ -290,7 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="example: python -m benchmarks.serve_bench --peer-vllm /work/vllm-venv/bin/python",
     )
-    parser.add_argument("--base", default="small", help="built-in base (tiny, small) or an HF folder")
+    parser.add_argument(
+        "--base", default="small", help="built-in base (smollm2-135m, tiny, small) or an HF folder"
+    )
     parser.add_argument("--quantize", nargs="*", default=["none", "nf4"], choices=["none", "nf4", "int8"])
     parser.add_argument("--scenarios", nargs="+", default=["base", "1", "8", "64"], choices=list(SCENARIOS))
     parser.add_argument("--concurrency", type=int, default=16)

@@ -34,7 +34,7 @@ def build_base_parser(prog: str = "adapterdock base") -> argparse.ArgumentParser
     parser = argparse.ArgumentParser(
         prog=prog,
         formatter_class=help_formatter,
-        description="Create and inspect base models (built-ins: tiny, small; or any HF-format folder).",
+        description="Create and inspect base models (built-ins: smollm2-135m, tiny, small; or an HF folder).",
         epilog="example:\n  adapterdock base create tiny --out ./tiny-base\n  adapterdock base show tiny",
     )
     sub = parser.add_subparsers(dest="command", required=True)

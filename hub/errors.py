@@ -71,7 +71,7 @@ class BaseNotFoundError(AdapterDockError, LookupError):
     """A base model name that is neither built in, a local folder, a registry model nor a cached HF id."""
 
     default_remedy = (
-        "Use a built-in base (tiny, small), a local HF-format folder, registry:NAME, "
+        "Use a built-in base (smollm2-135m, tiny, small), a local HF-format folder, registry:NAME, "
         "or an HF model id present in the local HF cache."
     )
 

@@ -20,7 +20,7 @@ class ServerConfig:
     """How one server process runs: its base, registry, limits and access."""
 
     base: str = "tiny"
-    """Base model: built-in name (tiny, small), local HF folder, `registry:NAME[@v]`, or cached HF id."""
+    """Base model: built-in (smollm2-135m, tiny, small), local HF folder, `registry:NAME[@v]`, or HF id."""
     quantize: str = "nf4"
     """Weight quantization of the base: nf4 (4-bit), int8, or none (full precision)."""
     registry: Path | None = None

@@ -51,7 +51,8 @@ class TrainConfig:
     """Options shared by every training recipe."""
 
     base: str = option(
-        "tiny", "Base model: built-in name (tiny, small), local HF folder, registry:NAME or HF id."
+        "tiny",
+        "Base model: built-in name (smollm2-135m, tiny, small), local HF folder, registry:NAME or HF id.",
     )
     data: str = option("", "Training data file.", required=True)
     eval: str | None = option(None, "Evaluation data file (default: split --eval-fraction off --data).")
