@@ -122,6 +122,9 @@ def _start_vllm(
         "HF_HUB_OFFLINE": "0",  # for the plugin's pull from the loopback hub; the model is a local folder
         "HF_HUB_DISABLE_XET": "1",
         "PYTHONUNBUFFERED": "1",
+        # The plugin's module from this checkout, whatever the venv's install of adapterdock points at
+        # (an editable install made from another clone, or a stale copy).
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
     env.pop("VIRTUAL_ENV", None)
     command = [
@@ -143,11 +146,29 @@ def _wait_vllm(url: str, process: subprocess.Popen, log: Path) -> None:
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 print(f"vLLM ready after {time.monotonic() - started:.0f} s")
+                _check_plugin_registered(log)
                 return
         except httpx.HTTPError:
             pass
         time.sleep(2)
     raise AssertionError(f"vLLM not ready after {STARTUP_S} s:\n{log.read_text()[-6000:]}")
+
+
+def _check_plugin_registered(log: Path) -> None:
+    """Fail here, with vLLM's own words, when the resolver never registered (every later 404 says why)."""
+    text = log.read_text(errors="replace")
+    if "adapterdock: LoRA resolver registered" in text:
+        return
+    clues = [
+        line
+        for line in text.splitlines()
+        if any(word in line for word in ("plugin", "adapterdock", "hub.", "Error", "Traceback"))
+    ]
+    raise AssertionError(
+        "vLLM started without adapterdock's LoRA resolver. Log lines about plugins:\n"
+        + "\n".join(clues[-60:])
+        + f"\n--- log head ---\n{text[:3000]}"
+    )
 
 
 def _stop_group(process: subprocess.Popen) -> None:
