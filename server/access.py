@@ -8,7 +8,12 @@
   token or the admin key once rater tokens exist, so no feedback route is open while feedback credentials do;
 - pinning, unpinning and unloading adapters (`is_admin_path`): the admin key (`--admin-key`) when the server
   has one, else the API key; an inference key on an admin path is a 403. `POST /v1/adapters/load` with
-  `pin: true` is checked by its route (the body says whether it pins).
+  `pin: true` is checked by its route (the body says whether it pins);
+- scoped keys (`--keys-file`, `server.keys`): each opens the paths of its rights (`infer`: everything but
+  feedback and adapter management; `feedback`: `RATER_PATHS` and `/v1/feedback/pairs`; `admin`: load, pin,
+  unpin, unload) and nothing else (403 naming the missing right); the adapters it may use are checked where
+  references resolve (`check_scope`). A server with scoped keys opens nothing but `/health` to anonymous
+  callers, as with an API key.
 
 Every comparison is constant-time and against every credential (no short-circuit). The page `/feedback`
 also accepts HTTP Basic (the token as the password) so a browser can open it. Rater ids and the tokens file
@@ -20,14 +25,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 from dataclasses import dataclass
 
+from hub.errors import AdapterNotFoundError
 from server.config import ServerConfig
 from server.errors import AuthenticationError, ForbiddenError
 from server.feedback.auth import PAGE_PATH, RATER_PATHS, SINGLE_RATER_ID
+from server.keys import ADMIN_RIGHT, FEEDBACK, INFER, ScopedKey
 
-ADMIN, USER, RATER, ANONYMOUS = "admin", "user", "rater", "anonymous"
+ADMIN, USER, RATER, SCOPED, ANONYMOUS = "admin", "user", "rater", "scoped", "anonymous"
 PUBLIC_PATHS = frozenset({"/health"})
 """Served to anyone."""
 PAIRS_PATH = "/v1/feedback/pairs"
@@ -40,6 +48,8 @@ class Principal:
     role: str
     """ADMIN, USER, RATER or ANONYMOUS (a server without credentials for this path)."""
     rater: str | None = None
+    key: ScopedKey | None = None
+    """The scoped key (role SCOPED) a request presented: its adapters, rights and limits."""
 
 
 def is_admin_path(method: str, path: str) -> bool:
@@ -47,6 +57,39 @@ def is_admin_path(method: str, path: str) -> bool:
     if not path.startswith("/v1/adapters/"):
         return False
     return method == "DELETE" or (method == "POST" and path.endswith(("/pin", "/unpin")))
+
+
+def scoped_right(method: str, path: str) -> str:
+    """The right a scoped key needs for a path: loading joins pin/unpin/unload under `admin` (a key must
+    not fill the shared adapter slots at will), the feedback routes need `feedback`, the rest `infer`."""
+    if is_admin_path(method, path) or (method == "POST" and path == "/v1/adapters/load"):
+        return ADMIN_RIGHT
+    if path in RATER_PATHS or path == PAIRS_PATH:
+        return FEEDBACK
+    return INFER
+
+
+def check_scope(principal: object, name: str) -> None:
+    """Refuse an adapter (or base) name outside the scope of the request's scoped key.
+
+    Out of scope is answered exactly like an unknown adapter (404), and decided before the registry is
+    read, so a key learns nothing about the adapters of other keys (they are not listed to it either).
+
+    Raises:
+        AdapterNotFoundError: `name` matches none of the key's adapter globs.
+    """
+    key = getattr(principal, "key", None)
+    if key is not None and not key.may_use(name):
+        raise AdapterNotFoundError(
+            f"No adapter {name!r} is available to key {key.name!r}.",
+            f"This key may use adapters matching {', '.join(key.adapters)}; GET /v1/models lists them.",
+        )
+
+
+def visible(principal: object, name: str) -> bool:
+    """Whether listings show `name` to the request's principal (everything, without a scoped key)."""
+    key = getattr(principal, "key", None)
+    return key is None or key.may_use(name)
 
 
 class Access:
@@ -63,13 +106,15 @@ class Access:
             self._creds.append((config.api_key.encode(), Principal(USER)))
         if config.admin_key:
             self._creds.append((config.admin_key.encode(), Principal(ADMIN)))
-        self.has_api_key, self.has_admin_key = bool(config.api_key), bool(config.admin_key)
-        self.has_raters = bool(raters)
+        self._scoped = [(key.digest, Principal(SCOPED, key=key)) for key in config.keys]
+        # A scoped key locks the server as the API key does: nothing but /health stays open.
+        self.has_api_key = bool(config.api_key) or bool(config.keys)
+        self.has_admin_key, self.has_raters = bool(config.admin_key), bool(raters)
 
     @property
     def enabled(self) -> bool:
         """Whether any credential is configured (else every path is open)."""
-        return bool(self._creds)
+        return bool(self._creds or self._scoped)
 
     def identify(self, authorization: str, *, basic: bool = False) -> Principal | None:
         """The principal a bearer credential (or, with `basic`, an HTTP Basic password) stands for; None if
@@ -83,9 +128,13 @@ class Access:
         elif scheme.lower() != "bearer":
             return None
         given = value.strip().encode()
+        given_digest = hashlib.sha256(given).digest()
         found = None
         for secret, principal in self._creds:  # every one compared, in constant time
             if hmac.compare_digest(given, secret) and found is None:
+                found = principal
+        for secret, principal in self._scoped:  # scoped keys are kept as sha256 digests only
+            if hmac.compare_digest(given_digest, secret) and found is None:
                 found = principal
         return found
 
@@ -100,6 +149,15 @@ class Access:
         if not allowed:
             return Principal(ANONYMOUS)
         principal = self.identify(authorization, basic=path == PAGE_PATH)
+        if principal is not None and principal.key is not None:
+            right = scoped_right(method, path)
+            if right not in principal.key.rights:
+                raise ForbiddenError(
+                    f"{method} {path} needs the {right!r} right; key {principal.key.name!r} has "
+                    f"{', '.join(sorted(principal.key.rights))}.",
+                    "Use a key with that right (the operator grants rights in --keys-file).",
+                )
+            return principal
         if principal is not None and principal.role in allowed:
             return principal
         if principal is not None and principal.role == USER and ADMIN in allowed:
@@ -126,12 +184,16 @@ class Access:
 
 def require_admin(principal: Principal | None, config: ServerConfig, action: str) -> None:
     """Refuse `action` (a pin decided by a request body) unless the caller holds the admin key, when the
-    server has one.
+    server has one, or a scoped key with the `admin` right.
 
     Raises:
-        ForbiddenError: the server has an admin key and the caller did not present it.
+        ForbiddenError: the server has an admin key and the caller did not present it; a scoped key
+        without the `admin` right.
     """
-    if config.admin_key and getattr(principal, "role", None) != ADMIN:
+    key = getattr(principal, "key", None)
+    if key is not None and ADMIN_RIGHT in key.rights:
+        return
+    if key is not None or (config.admin_key and getattr(principal, "role", None) != ADMIN):
         raise ForbiddenError(f"{action} needs the admin key; the API key serves inference only.")
 
 

@@ -26,6 +26,7 @@ from server.errors import install_error_handlers
 from server.feedback import routes as feedback
 from server.metrics import Metrics
 from server.middleware import AccessMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from server.quotas import Quotas
 from server.resolver import Resolver
 from server.routes import adapters, health, lorax, openai, tasks
 from server.runtime import EngineLike, SchedulerLike, ServerState
@@ -97,7 +98,8 @@ def create_app(
         app.include_router(module.router)
     # Last added runs first: metrics see every response, auth runs before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(AccessMiddleware, access=Access(config))
+    quotas = Quotas(config.keys)
+    app.add_middleware(AccessMiddleware, access=Access(config), quotas=quotas, metrics=state.metrics)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
 

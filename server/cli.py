@@ -20,6 +20,7 @@ from pathlib import Path
 from hub.errors import AdapterDockError
 from server.config import LOG_LEVELS, QUANTIZE_CHOICES, ServerConfig
 from server.feedback.auth import read_rater_tokens
+from server.keys import read_keys_file
 
 EPILOG = """\
 example:
@@ -87,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     admin.add_argument("--admin-key", dest="admin_key", default=None, help=docs["admin_key"])
     admin.add_argument("--admin-key-file", dest="admin_key_file", type=Path, default=None,
                        help="File whose first line is the admin key (keeps it out of `ps`).")  # fmt: skip
+    refusal = " A malformed file stops the start, listing every bad entry."
+    parser.add_argument("--keys-file", dest="keys_file", type=Path, default=None, metavar="FILE",
+                        help=docs["keys"] + refusal)  # fmt: skip
     add("--max-judgements-per-rater", "max_judgements_per_rater", type=int, metavar="N")
     add("--feedback-db", "feedback_db", type=Path, metavar="FILE")
     add("--max-batch-size", "max_batch_size", type=int, metavar="N")
@@ -114,13 +118,15 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     rater_token = _secret(args.rater_token, args.rater_token_file, "ADAPTERDOCK_RATER_TOKEN")
     admin_key = _secret(args.admin_key, args.admin_key_file, "ADAPTERDOCK_ADMIN_KEY")
     rater_tokens = read_rater_tokens(args.rater_tokens_file) if args.rater_tokens_file is not None else {}
-    files = ("api_key_file", "rater_token_file", "rater_tokens_file", "admin_key_file")
+    keys = read_keys_file(args.keys_file) if args.keys_file is not None else ()
+    files = ("api_key_file", "rater_token_file", "rater_tokens_file", "admin_key_file", "keys_file")
     values = {k: v for k, v in vars(args).items() if k not in files}
     values.update(
         api_key=api_key,
         rater_token=rater_token,
         rater_tokens=rater_tokens,
         admin_key=admin_key,
+        keys=keys,
         preload=tuple(args.preload),
         hub_token=os.environ.get("HF_TOKEN"),
     )

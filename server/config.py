@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import ServerConfigError
+from server.keys import ScopedKey, digest
 
 QUANTIZE_CHOICES = ("nf4", "int8", "none")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -56,6 +57,9 @@ class ServerConfig:
     admin_key: str | None = field(default=None, repr=False)
     """Bearer key for pinning, unpinning and unloading adapters (and all the API key opens); None leaves
     those to the API key."""
+    keys: tuple[ScopedKey, ...] = field(default=(), repr=False)
+    """Scoped keys, read from a JSON list (each: a name, adapter globs, rights among infer, feedback and
+    admin, optional requests/tokens per minute); never logged."""
     max_judgements_per_rater: int = 10000
     """Most judgements one rater may record (changing one does not count); beyond it 429."""
     feedback_db: Path | None = None
@@ -90,6 +94,8 @@ class ServerConfig:
             problems.append("api_key, admin_key and the rater tokens must all differ")
         if any(not token.strip() for token in self.rater_tokens.values()):
             problems.append("a rater token is empty")
+        if {digest(s) for s in secrets} & {key.digest for key in self.keys}:
+            problems.append("a scoped key (--keys-file) equals the api_key, the admin_key or a rater token")
         if self.rater_token and "rater" in self.rater_tokens:
             problems.append("rater_token (rater id 'rater') and rater_tokens both name rater 'rater'")
         return problems

@@ -10,6 +10,7 @@ gets a bare 500 with a traceback.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -127,6 +128,17 @@ class QueueFullError(AdapterDockError, RuntimeError):
     retry_after: float = 1.0
 
 
+class QuotaExceededError(AdapterDockError, RuntimeError):
+    """A scoped key over its requests or tokens per minute (`--keys-file`)."""
+
+    default_remedy = "Retry after the seconds in Retry-After, or ask the operator for a higher limit."
+
+    def __init__(self, message: str, retry_after: float, remedy: str | None = None) -> None:
+        super().__init__(message, remedy)
+        self.retry_after = max(1, math.ceil(retry_after))
+        """Whole seconds until the key's allowance has recovered (the Retry-After header)."""
+
+
 class SchedulerStoppedError(AdapterDockError, RuntimeError):
     """The scheduler is stopping or stopped and takes no more work."""
 
@@ -182,6 +194,7 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     PinLimitError: ErrorSpec(409, "pin_limit"),
     ForbiddenError: ErrorSpec(403, "forbidden", "permission_error"),
     RaterLimitError: ErrorSpec(429, "rater_limit", "rate_limit_error"),
+    QuotaExceededError: ErrorSpec(429, "rate_limit_exceeded", "rate_limit_error", retry_after=1),
     WrongTaskError: ErrorSpec(400, "wrong_task"),
     InputTooLongError: ErrorSpec(400, "input_too_long"),
     InvalidInputError: ErrorSpec(400, "invalid_input"),
@@ -235,7 +248,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         message = "Internal server error; the server log has the details."
     else:
         message = str(exc)
-    headers = {"Retry-After": str(spec.retry_after)} if spec.retry_after is not None else None
+    retry_after = exc.retry_after if isinstance(exc, QuotaExceededError) else spec.retry_after
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     if spec.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(

@@ -3,7 +3,8 @@
 Boundary: glue between the routes, the resolver and the adapter cache. `resolve` runs the resolver
 (names, manifest, base fingerprint, task) off the event loop; `acquire` and `pin` load on a miss,
 verifying checksums first. A `Lease` keeps an adapter resident for exactly as long as a request (or
-its stream) runs. Generation itself is `server.streams`'.
+its stream) runs. A scoped key's adapter scope is checked here, before the registry is read, so every route
+that names an adapter is covered. Generation itself is `server.streams`'.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from collections.abc import Callable
 
 from fastapi import Request
 
+from server.access import check_scope
 from server.adapter_cache import CacheEntry
 from server.requests import AdapterHandle
-from server.resolver import GENERATE, ResolvedAdapter
+from server.resolver import GENERATE, ResolvedAdapter, parse_reference
 from server.runtime import ServerState
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,10 @@ class Lease:
 async def resolve(
     state: ServerState, request: Request, text: str, endpoint: str | None, source: str | None = None
 ) -> ResolvedAdapter:
-    """Resolve and check a reference off the event loop; tag the request for metrics."""
+    """Resolve and check a reference off the event loop (inside the caller's key scope); tag the request
+    for metrics."""
     assert state.resolver is not None
+    check_scope(principal(request), parse_reference(text).name)
     resolved = await asyncio.to_thread(state.resolver.resolve, text, endpoint=endpoint, source=source)
     request.state.adapter = resolved.key
     return resolved
@@ -100,10 +104,16 @@ async def acquire_model(
 ) -> Lease:
     """Lease what a generation request's `model` names: the bare base for the base's name, else an adapter."""
     if model is None or (model == state.base_name and source != "hub"):
+        check_scope(principal(request), state.base_name)
         request.state.adapter = state.base_name
         return Lease(state, None, None)
     resolved = await resolve(state, request, model, endpoint, source)
     return await acquire(state, resolved)
+
+
+def principal(request: Request) -> object:
+    """The request's `server.access.Principal` (None on an app without the access middleware)."""
+    return getattr(request, "scope", {}).get("state", {}).get("principal")
 
 
 def weights_bytes(resolved: ResolvedAdapter) -> int:

@@ -2,8 +2,8 @@
 
 Boundary: counters and histograms that the HTTP edge updates (requests, latency, tokens), plus a collector
 that reads the live state of the adapter cache, the scheduler and the engine at scrape time. Label values
-are route templates and resolved `name@version` keys only, never raw client strings, so cardinality stays
-bounded.
+are route templates, resolved `name@version` keys and scoped key names (`--keys-file`, never a secret)
+only, never raw client strings, so cardinality stays bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from server.quotas import charge_tokens
 
 PREFIX = "adapterdock"
 NO_ADAPTER = "-"
@@ -52,6 +54,18 @@ class Metrics:
             ["adapter"],
             registry=self.registry,
         )
+        self.key_requests = Counter(
+            f"{PREFIX}_key_requests",
+            "HTTP requests made with a scoped key (--keys-file), by key name and status.",
+            ["key", "status"],
+            registry=self.registry,
+        )
+        self.key_tokens = Counter(
+            f"{PREFIX}_key_tokens",
+            "Prompt + generated tokens used by a scoped key, by key name.",
+            ["key"],
+            registry=self.registry,
+        )
         self._live = _LiveCollector()
         self.registry.register(self._live)
 
@@ -64,10 +78,18 @@ class Metrics:
         self.latency.labels(endpoint, adapter).observe(seconds)
 
     def observe_tokens(self, adapter: str, prompt_tokens: int, generated_tokens: int) -> None:
+        """Count one request's tokens, and charge them to its scoped key's quota (if any)."""
         if prompt_tokens:
             self.tokens_in.labels(adapter).inc(prompt_tokens)
         if generated_tokens:
             self.tokens_out.labels(adapter).inc(generated_tokens)
+        charge_tokens(prompt_tokens + generated_tokens)
+
+    def observe_key_request(self, key: str, status: int) -> None:
+        self.key_requests.labels(key, str(status)).inc()
+
+    def observe_key_tokens(self, key: str, tokens: int) -> None:
+        self.key_tokens.labels(key).inc(tokens)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""

@@ -1,4 +1,5 @@
-"""ASGI middleware at the server's edge: request metrics, access (keys and tokens), and the body size limit.
+"""ASGI middleware at the server's edge: request metrics, access (keys, tokens, per-key quotas), and the body
+size limit.
 
 Boundary: pure ASGI (no buffering of responses, so server-sent event streams pass through untouched). Errors
 are answered in OpenAI's shape through `server.errors`; who may call what is `server.access`'s; nothing here
@@ -13,9 +14,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.access import Access
-from server.errors import AuthenticationError, BodyTooLargeError, ForbiddenError, error_response
+from server.errors import (
+    AuthenticationError,
+    BodyTooLargeError,
+    ForbiddenError,
+    QuotaExceededError,
+    error_response,
+)
 from server.feedback.auth import PAGE_PATH
 from server.metrics import NO_ADAPTER, Metrics
+from server.quotas import Quotas, bind_token_sink, unbind_token_sink
 
 PAGE_CHALLENGE = 'Basic realm="adapterdock feedback", charset="UTF-8"'
 """Asked of a browser opening /feedback without a token, so it prompts for one (the token as password)."""
@@ -45,6 +53,9 @@ class MetricsMiddleware:
             endpoint = getattr(route, "path", None) or "unmatched"
             adapter = scope.get("state", {}).get("adapter", NO_ADAPTER)
             self.metrics.observe_request(endpoint, adapter, status, time.perf_counter() - started)
+            key = getattr(scope.get("state", {}).get("principal"), "key", None)
+            if key is not None:
+                self.metrics.observe_key_request(key.name, status)
 
         async def timed_send(message: Message) -> None:
             nonlocal status
@@ -63,14 +74,17 @@ class MetricsMiddleware:
 class AccessMiddleware:
     """Checks every request's credential against `server.access.Access` before its body is read.
 
-    A refused request gets 401 (403 for a valid key without the right) and its body is never parsed; an
-    accepted one carries its `Principal` in `scope["state"]["principal"]` for the routes (rater identity,
-    admin rights).
+    A refused request gets 401 (403 for a valid key without the right, 429 for a scoped key over its
+    quota) and its body is never parsed; an accepted one carries its `Principal` in
+    `scope["state"]["principal"]` for the routes (rater identity, admin rights, adapter scope). The tokens
+    a scoped key's request uses are charged to it (`server.quotas.charge_tokens`) wherever they are counted.
     """
 
-    def __init__(self, app: ASGIApp, access: Access) -> None:
+    def __init__(self, app: ASGIApp, access: Access, quotas: Quotas, metrics: Metrics) -> None:
         self.app = app
         self.access = access
+        self.quotas = quotas
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,14 +93,29 @@ class AccessMiddleware:
         authorization = _header(scope, b"authorization").decode("latin-1")
         try:
             principal = self.access.check(scope["method"], scope["path"], authorization)
-        except (AuthenticationError, ForbiddenError) as exc:
+            scope.setdefault("state", {})["principal"] = principal
+            if principal.key is not None:
+                self.quotas.admit(principal.key.name)
+        except (AuthenticationError, ForbiddenError, QuotaExceededError) as exc:
             response = error_response(exc)
             if scope["path"] == PAGE_PATH and response.status_code == 401:
                 response.headers["WWW-Authenticate"] = PAGE_CHALLENGE
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        if principal.key is None:
+            await self.app(scope, receive, send)
+            return
+        name = principal.key.name
+
+        def charge(tokens: int) -> None:
+            self.quotas.charge(name, tokens)
+            self.metrics.observe_key_tokens(name, tokens)
+
+        bound = bind_token_sink(charge)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            unbind_token_sink(bound)
 
 
 class _BodyTooLarge(HTTPException):

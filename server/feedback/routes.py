@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import leases, streams
+from server.access import check_scope
 from server.config import ServerConfig
 from server.errors import InvalidInputError
 from server.feedback.auth import rater_for
@@ -255,6 +256,7 @@ async def _lease(
 ) -> tuple[leases.Lease, tuple[str, int | None]]:
     """Lease what `model` names, with the (adapter name, version) to store; the base has no version."""
     if model == state.base_name:
+        check_scope(principal(request), state.base_name)
         return leases.Lease(state, None, None), (state.base_name, None)
     resolved = await leases.resolve(state, request, model, GENERATE)
     lease = await leases.acquire(state, resolved)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from hub.errors import AdapterNotFoundError
 from hub.manifest import Manifest
 from server import leases
-from server.access import require_admin
+from server.access import check_scope, require_admin, visible
 from server.adapter_cache import CacheEntry
 from server.resolver import parse_reference
 from server.runtime import ServerState, State
@@ -26,11 +26,14 @@ router = APIRouter(tags=["Adapter management"])
 
 
 @router.get("/v1/adapters")
-async def list_adapters(state: State) -> dict[str, Any]:
-    """Every registered version (tags, fits this base or not), what is loaded, and cache stats."""
+async def list_adapters(request: Request, state: State) -> dict[str, Any]:
+    """Every registered version (tags, fits this base or not), what is loaded, and cache stats; a scoped
+    key sees only the adapters it may use."""
     assert state.cache is not None and state.base is not None
-    registered = await asyncio.to_thread(_registered_with_tags, state)
-    resident = {entry.key: entry for entry in state.cache.entries()}
+    caller = leases.principal(request)
+    everything = await asyncio.to_thread(_registered_with_tags, state)
+    registered = [(m, tags) for m, tags in everything if visible(caller, m.name)]
+    resident = {e.key: e for e in state.cache.entries() if visible(caller, e.key.rpartition("@")[0])}
     data = []
     for manifest, tags in registered:
         entry = resident.pop(manifest.ref, None)
@@ -97,6 +100,7 @@ async def _resident_keys(state: ServerState, request: Request, ref: str) -> list
     """
     assert state.cache is not None
     parsed = parse_reference(ref)
+    check_scope(leases.principal(request), parsed.name)
     if parsed.version is None and parsed.tag is None:
         keys = [e.key for e in state.cache.entries() if e.key.rpartition("@")[0] == parsed.name]
     else:

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from server import leases, streams
+from server.access import visible
 from server.errors import InvalidInputError
 from server.prompts import chat_ids, check_count, check_length, check_max_tokens, check_token_ids, encode
 from server.requests import generation_requests
@@ -50,15 +51,17 @@ class _Reply:
 
 
 @router.get("/v1/models")
-async def list_models(state: State) -> dict[str, Any]:
-    """The base (no adapter) and every registered generation adapter, as `name` and `name@version`."""
+async def list_models(request: Request, state: State) -> dict[str, Any]:
+    """The base (no adapter) and every registered generation adapter, as `name` and `name@version`; a
+    scoped key sees only what it may use."""
     assert state.resolver is not None
-    manifests = await asyncio.to_thread(state.resolver.registered)
+    caller = leases.principal(request)
+    manifests = [m for m in await asyncio.to_thread(state.resolver.registered) if visible(caller, m.name)]
     targets = await asyncio.to_thread(  # a hub name's plain alias is the hub's main, as requests resolve it
         lambda: {m.name: state.resolver.plain_name_target(m.name) for m in manifests}
     )
     base = state.base_name
-    models = [_model(base, int(state.started_at), root=base, parent=None)]
+    models = [_model(base, int(state.started_at), root=base, parent=None)] if visible(caller, base) else []
     latest: dict[str, Any] = {}
     for manifest in manifests:
         if manifest.kind != "adapter" or manifest.task not in ENDPOINT_TASKS[GENERATE]:

@@ -3,9 +3,10 @@
 A fenced block runs when its info string holds the word `test` (e.g. `bash test`, `python test`).
 Blocks of one file run in order, in one scratch folder (holding a link to `examples/`), with their own
 registry. Blocks marked `test-server` run while a real `adapterdock serve` (tiny base, unquantized) is up on
-a free port, and `127.0.0.1:8000` in them is rewritten to that port; `test-hub` blocks likewise get a real
-`adapterdock hub serve` for `127.0.0.1:8080` (and run without `HF_HUB_OFFLINE`). Blocks that need hardware
-or a network we lack (GPUs, the Hugging Face Hub) carry no mark.
+a free port, and `127.0.0.1:8000` in them is rewritten to that port; `test-keys` blocks get a second such
+server for `127.0.0.1:8001`, started with `--keys-file keys.json` (written by an earlier block); `test-hub`
+blocks likewise get a real `adapterdock hub serve` for `127.0.0.1:8080` (and run without `HF_HUB_OFFLINE`).
+Blocks that need hardware or a network we lack (GPUs, the Hugging Face Hub) carry no mark.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```\s*$", re.S | re.M)
 
 
-MARKS = {"test", "test-server", "test-hub"}
-DOC_PORTS = {"test-server": "127.0.0.1:8000", "test-hub": "127.0.0.1:8080"}
+MARKS = {"test", "test-server", "test-keys", "test-hub"}
+DOC_PORTS = {"test-server": "127.0.0.1:8000", "test-keys": "127.0.0.1:8001", "test-hub": "127.0.0.1:8080"}
 
 
 @dataclass
@@ -62,8 +63,9 @@ def _free_port() -> int:
 def _start_service(mark: str, env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen, int]:
     """Start the server (`test-server`) or the hub service (`test-hub`) and wait until it answers."""
     port = _free_port()
-    if mark == "test-server":
+    if mark in ("test-server", "test-keys"):
         argv = ["-m", "server", "--base", "tiny", "--quantize", "none", "--port", str(port)]
+        argv += ["--keys-file", "keys.json"] if mark == "test-keys" else []
         probe = f"http://127.0.0.1:{port}/ready"
     else:
         argv = ["-m", "hub", "serve", "--root", str(cwd / "hub-data"), "--port", str(port)]
