@@ -19,7 +19,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TASKS = ("classification", "ner", "instruction", "reward", "dpo", "ppo")
 GENERATION_TASKS = ("instruction", "dpo", "ppo")
-METHODS = ("lora", "qlora", "bottleneck", "full")
+METHODS = ("lora", "qlora", "dora", "qdora", "bottleneck", "full")
 KINDS = ("adapter", "model")
 ADAPTER_FORMATS = ("peft", "bottleneck", "hf-model")
 

@@ -3,7 +3,8 @@
 - the tensor-name patterns (`LORA_KEY`, `HEAD_KEY`) and `peft_type` (`check_peft_type`);
 - every field's type and range (`check_peft_config`: `r`, `lora_alpha`, `rank_pattern`/`alpha_pattern` and
   their keys, no nesting where none is expected), all problems reported at once;
-- the options adapterdock does not apply (`check_peft_options`, `UNSUPPORTED_PEFT`);
+- the options adapterdock does not apply (`check_peft_options`, `UNSUPPORTED_PEFT`); DoRA (`use_dora`) it
+  applies (its `lora_magnitude_vector` tensors, `is_dora`), other engines may not (`hub.vllm_resolver`);
 - PEFT's `rank_pattern` / `alpha_pattern` lookup at a bounded cost, without regular expressions
   (`pattern_value`).
 
@@ -23,17 +24,24 @@ from hub.adapter_format import REEXPORT, describe_value, is_int
 from hub.errors import CorruptAdapterError
 
 LORA_KEY = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>A|B|embedding_A|embedding_B|magnitude_vector)"
-    r"(?:\.[^.]+)?\.weight$"
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<part>A|B|embedding_A|embedding_B)(?:\.[^.]+)?\.weight"
+    r"|(?P<part_m>magnitude_vector)(?:\.[^.]+)?(?:\.weight)?)$"
 )
-"""A PEFT LoRA tensor: `module` is the wrapped layer's path, `part` A or B (others are refused)."""
+"""A PEFT LoRA tensor: `module` is the wrapped layer's path, `part` A or B (`lora_part` gives DoRA's
+`magnitude_vector`, saved with or without `.weight` by PEFT's versions); others are refused."""
+
+
+def lora_part(match: re.Match[str]) -> str:
+    """The part a `LORA_KEY` match names: A, B, embedding_A, embedding_B or magnitude_vector."""
+    return match["part"] or match["part_m"]
+
+
 HEAD_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:score|classifier)(?:\.modules_to_save\.[^.]+)?\.(?P<p>weight|bias)$"
 )
 """The task head (`score`, saved through modules_to_save) of a classification, NER or reward adapter."""
 HEAD_MODULES = ("score", "classifier")
 UNSUPPORTED_PEFT = {
-    "use_dora": "DoRA",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "BD-LoRA",
     "lora_bias": "LoRA bias",
@@ -94,8 +102,13 @@ def check_peft_options(path: Path, config: Mapping[str, Any]) -> None:
     if used:
         raise CorruptAdapterError(
             f"{path}: the server does not implement {', '.join(used)}.",
-            "Retrain with plain LoRA options (no DoRA, bias='none', only the task head in modules_to_save).",
+            "Retrain with plain LoRA or DoRA options (bias='none', only the task head in modules_to_save).",
         )
+
+
+def is_dora(config: Mapping[str, Any]) -> bool:
+    """Whether a (checked) adapter_config.json is DoRA: LoRA factors plus one magnitude per output feature."""
+    return config.get("use_dora") is True
 
 
 def check_peft_config(path: Path, config: Mapping[str, Any]) -> None:
@@ -192,6 +205,7 @@ _PEFT_FIELDS = {
     "bias": _typed(str),
     "base_model_name_or_path": _typed(str),
     "use_rslora": _typed(bool),
+    "use_dora": _typed(bool),
     "inference_mode": _typed(bool),
     "target_modules": _typed(str, list, items=str),
     "modules_to_save": _typed(list, items=str),

@@ -31,7 +31,7 @@ from hub.bottleneck_format import (
 )
 from hub.errors import CorruptAdapterError
 from hub.manifest import Manifest
-from hub.peft_config import HEAD_KEY, LORA_KEY, check_peft_options, pattern_value
+from hub.peft_config import HEAD_KEY, LORA_KEY, check_peft_options, is_dora, lora_part, pattern_value
 from hub.safetensors_header import TensorInfo, read_header
 
 HEAD_TASKS = ("classification", "ner", "reward")
@@ -91,6 +91,8 @@ class LoraPlan:
     rank: int
     scale: float
     """lora_alpha / rank (or / sqrt(rank) with rsLoRA), after alpha_pattern and rank_pattern."""
+    magnitude: str | None = None
+    """DoRA's `lora_magnitude_vector` [out_features] (None: plain LoRA)."""
 
 
 @dataclass
@@ -98,7 +100,7 @@ class AdapterPlan:
     """A checked adapter: where its tensors are in the file and what each one is for."""
 
     method: str
-    """"lora" or "bottleneck"."""
+    """"lora", "dora" or "bottleneck"."""
     path: Path
     """The adapter_model.safetensors file."""
     infos: dict[str, TensorInfo]
@@ -162,12 +164,14 @@ def _plan_peft(folder: Path, manifest: Manifest, layout: BaseLayout, max_rank: i
     infos, data_start = read_header(path)
     factors: dict[str, dict[str, tuple[str, TensorInfo]]] = {}
     head: dict[str, tuple[str, TensorInfo]] = {}
+    dora = is_dora(config)
+    parts_allowed = ("A", "B", "magnitude_vector") if dora else ("A", "B")
     for name, info in infos.items():
         if head_match := HEAD_KEY.match(name):
             head[head_match["p"]] = (name, info)
             continue
         match = LORA_KEY.match(name)
-        if not match or match["part"] not in ("A", "B"):
+        if not match or lora_part(match) not in parts_allowed:
             raise CorruptAdapterError(
                 f"{path}: tensor {name!r} is not a LoRA factor of a block linear layer nor the task head.",
                 "The server applies LoRA to the blocks' attention and MLP projections only "
@@ -180,18 +184,22 @@ def _plan_peft(folder: Path, manifest: Manifest, layout: BaseLayout, max_rank: i
                 "layer of this base.",
                 "The adapter was made for another architecture or depth; use the base it was trained on.",
             )
-        factors.setdefault(match["module"], {})[match["part"]] = (name, info)
+        factors.setdefault(match["module"], {})[lora_part(match)] = (name, info)
     if not factors:
         raise CorruptAdapterError(f"{path} holds no LoRA tensors.", REEXPORT)
     ranks = _check_lora_shapes(path, factors, layout, config, max_rank)
     _check_head(path, manifest, head, layout.hidden_size)
-    plan = AdapterPlan(method="lora", path=path, infos=infos, data_start=data_start, head=_names(head))
+    method = "dora" if dora else "lora"
+    plan = AdapterPlan(method=method, path=path, infos=infos, data_start=data_start, head=_names(head))
     alpha = float(config.get("lora_alpha", 8))
     for module, parts in factors.items():
         r = ranks[module]
         module_alpha = pattern_value(config.get("alpha_pattern", {}), module, alpha)
         denom = math.sqrt(r) if config.get("use_rslora") else r
-        plan.lora[module] = LoraPlan(a=parts["A"][0], b=parts["B"][0], rank=r, scale=module_alpha / denom)
+        magnitude = parts["magnitude_vector"][0] if dora else None
+        plan.lora[module] = LoraPlan(
+            a=parts["A"][0], b=parts["B"][0], rank=r, scale=module_alpha / denom, magnitude=magnitude
+        )
     return plan
 
 
@@ -202,16 +210,22 @@ def _check_lora_shapes(
     config: dict[str, Any],
     max_rank: int,
 ) -> dict[str, int]:
-    """Check each module's A [r, in] and B [out, r] against base and config; -> ranks."""
+    """Check each module's A [r, in], B [out, r] (and DoRA's magnitude [out]) against base and config.
+
+    Returns:
+        module -> rank.
+    """
     ranks: dict[str, int] = {}
     rank = int(config.get("r", 8))
+    needed = {"A", "B", "magnitude_vector"} if is_dora(config) else {"A", "B"}
     for module, parts in sorted(factors.items()):
-        if set(parts) != {"A", "B"}:
-            missing = "lora_B" if "A" in parts else "lora_A"
-            raise CorruptAdapterError(f"{path}: {module} has no {missing} tensor.", REEXPORT)
+        missing = sorted(needed - set(parts))
+        if missing:
+            names = ", ".join(f"lora_{part}" for part in missing)
+            raise CorruptAdapterError(f"{path}: {module} has no {names} tensor.", REEXPORT)
         in_features, out_features = layout.linears[module]
         r = int(pattern_value(config.get("rank_pattern", {}), module, rank))
-        expected = {"A": (r, in_features), "B": (out_features, r)}
+        expected = {"A": (r, in_features), "B": (out_features, r), "magnitude_vector": (out_features,)}
         for part, (name, info) in parts.items():
             if info.shape != expected[part]:
                 raise CorruptAdapterError(

@@ -33,6 +33,8 @@ class LoraModule:
     b: torch.Tensor
     """[out_features, rank]"""
     scale: float
+    magnitude: torch.Tensor | None = None
+    """DoRA's magnitude m [out_features]: the output is rescaled by m / ||W + scale * b @ a|| per feature."""
 
 
 @dataclass
@@ -54,7 +56,7 @@ class AdapterWeights:
     """Everything an adapter contributes, as checked tensors (in the file's float dtype)."""
 
     method: str
-    """"lora" or "bottleneck"."""
+    """"lora", "dora" or "bottleneck"."""
     lora: dict[str, LoraModule] = field(default_factory=dict)
     rank: int = 0
     """Largest LoRA rank over its modules (0 for bottleneck)."""
@@ -69,7 +71,9 @@ class AdapterWeights:
     @property
     def nbytes(self) -> int:
         """Bytes of every tensor held."""
-        tensors: list[torch.Tensor] = [t for m in self.lora.values() for t in (m.a, m.b)]
+        tensors: list[torch.Tensor] = [
+            t for m in self.lora.values() for t in (m.a, m.b, m.magnitude) if t is not None
+        ]
         for site in self.bottleneck.values():
             tensors += [site.down_weight, site.down_bias, site.up_weight, site.up_bias]
         tensors += [t for t in (self.head_weight, self.head_bias) if t is not None]
@@ -122,7 +126,10 @@ def read_adapter(folder: Path, manifest: Manifest, layout: BaseLayout, *, max_ra
         method=plan.method, bottleneck_size=plan.bottleneck_size, activation=plan.activation
     )
     for module, lora in plan.lora.items():
-        weights.lora[module] = LoraModule(a=loaded[lora.a], b=loaded[lora.b], scale=lora.scale)
+        magnitude = loaded[lora.magnitude] if lora.magnitude else None
+        weights.lora[module] = LoraModule(
+            a=loaded[lora.a], b=loaded[lora.b], scale=lora.scale, magnitude=magnitude
+        )
         weights.rank = max(weights.rank, lora.rank)
     for site, names in plan.bottleneck.items():
         weights.bottleneck[site] = BottleneckSite(

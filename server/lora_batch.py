@@ -10,7 +10,9 @@ every wrapped linear, so two at once would mix their rows' adapters); every wrap
     y = base(x) + scale[s] * (x @ A[s]) @ B[s]        for each row, with s = that row's slot,
 
 as two batched matmuls over gathered factors, sliced to the largest rank in the batch: no Python loop
-over adapters. Bottleneck adapters (h + up(act(down(h))) after o_proj / down_proj) use the same slot
+over adapters. A DoRA slot adds, once a batch holds one, a per-row rescaling `y * g[s] + shift[s]`
+(`server.dora`; g = 1 and shift = 0 for every other slot), whose banks a layer allocates on its first
+DoRA adapter. Bottleneck adapters (h + up(act(down(h))) after o_proj / down_proj) use the same slot
 ids and banks of their own, allocated on first use. Boundary: tensors and modules only; which adapter
 lives in which slot is the engine's business.
 """
@@ -27,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from server.adapter_weights import AdapterWeights, BaseLayout
+from server.dora import dora_rescale
 from server.errors import ConcurrentForwardError
 
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -55,6 +58,8 @@ class RowContext:
     """(activation, [rows, 1, 1] bool mask of rows using it), one entry per kind present."""
     key: tuple = ()
     """(slots, rank, bank version): identifies gathered factors that can be reused."""
+    dora: bool = False
+    """Whether any row's slot holds a DoRA adapter (else the rescaling is skipped altogether)."""
 
 
 class LoraBank(nn.Module):
@@ -66,7 +71,12 @@ class LoraBank(nn.Module):
         self.register_buffer("a", torch.zeros(slots, in_features, max_rank, **kw))
         self.register_buffer("b", torch.zeros(slots, max_rank, out_features, **kw))
         self.register_buffer("scale", torch.zeros(slots, **kw))
+        self.dora_g: torch.Tensor | None = None
+        """[slots, out] DoRA factor per slot (1 where no DoRA); None before a DoRA adapter targets it."""
+        self.dora_shift: torch.Tensor | None = None
+        """[slots, out] (1 - g) * bias per slot, for a layer with a bias; else None."""
         self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathered_dora: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, ctx: RowContext) -> torch.Tensor:
         """y + scale[s] * (x @ A[s]) @ B[s] per row; x is [rows, tokens, in], y [rows, tokens, out]."""
@@ -93,19 +103,75 @@ class LoraBank(nn.Module):
             gathered[ctx.key] = cached
         return cached
 
+    def rescale(self, y: torch.Tensor, ctx: RowContext) -> torch.Tensor:
+        """DoRA's y * g[s] + shift[s] per row (identity for rows without DoRA); y is [rows, tokens, out]."""
+        if self.dora_g is None:
+            return y
+        if ctx.uniform_slot is not None:
+            g, shift = self.dora_g[ctx.uniform_slot], self._shift_of(ctx.uniform_slot)
+        else:
+            g, shift = self._dora_factors(ctx)
+        g = g.to(y.dtype)
+        return y * g if shift is None else torch.addcmul(shift.to(y.dtype), y, g)
+
+    def _shift_of(self, slot: int) -> torch.Tensor | None:
+        return None if self.dora_shift is None else self.dora_shift[slot]
+
+    def _dora_factors(self, ctx: RowContext) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gathered = self._gathered_dora
+        cached = gathered.get(ctx.key)
+        if cached is None:
+            g = self.dora_g.index_select(0, ctx.slots).unsqueeze(1)
+            shift = (
+                None if self.dora_shift is None else self.dora_shift.index_select(0, ctx.slots).unsqueeze(1)
+            )
+            cached = (g, shift)
+            if len(gathered) >= 2:
+                gathered.clear()
+            gathered[ctx.key] = cached
+        return cached
+
     @torch.no_grad()
-    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        """Copy factors a [r, in], b [out, r] into `slot`, zero-padding the rank; None clears it."""
+    def write(
+        self,
+        slot: int,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        scale: float,
+        dora: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> None:
+        """Copy factors a [r, in], b [out, r] into `slot`, zero-padding the rank; None clears it.
+
+        Args:
+            dora: (g [out], shift [out] or None) of a DoRA adapter (`server.dora.dora_rescale`).
+        """
         self.a[slot].zero_()
         self.b[slot].zero_()
         self.scale[slot] = 0.0
-        self._gathered = {}
+        self._gathered, self._gathered_dora = {}, {}
+        if self.dora_g is not None:
+            self.dora_g[slot].fill_(1.0)
+        if self.dora_shift is not None:
+            self.dora_shift[slot].zero_()
         if a is None or b is None:
             return
         r = a.shape[0]
         self.a[slot, :, :r].copy_(a.t())
         self.b[slot, :r].copy_(b.t() * scale)
         self.scale[slot] = scale
+        if dora is not None:
+            self._write_dora(slot, *dora)
+
+    def _write_dora(self, slot: int, g: torch.Tensor, shift: torch.Tensor | None) -> None:
+        slots, out = self.b.shape[0], self.b.shape[2]
+        kw = {"dtype": self.b.dtype, "device": self.b.device}
+        if self.dora_g is None:
+            self.dora_g = torch.ones(slots, out, **kw)
+        if shift is not None and self.dora_shift is None:
+            self.dora_shift = torch.zeros(slots, out, **kw)
+        self.dora_g[slot].copy_(g)
+        if shift is not None:
+            self.dora_shift[slot].copy_(shift)
 
 
 class BottleneckBank(nn.Module):
@@ -179,6 +245,8 @@ class AdapterLinear(nn.Module):
             else:  # e.g. an int8 base linear that returns fp16
                 zero = torch.zeros_like(y3, dtype=x3.dtype)
                 y = y + self.lora.add_delta(zero, x3, ctx).to(y.dtype).view(y.shape)
+            if ctx.dora:
+                y = self.lora.rescale(y.reshape(shape[0], -1, y.shape[-1]), ctx).view(y.shape)
         if ctx.bottleneck_size and self.site is not None:
             bank = self._banks[0].bottleneck.get(self.site)
             if bank is not None:
@@ -214,8 +282,11 @@ class AdapterBanks:
         self._forward_lock = threading.Lock()
         self._forward_thread: str | None = None
         self.lora: dict[str, LoraBank] = {}
+        self.linears: dict[str, AdapterLinear] = {}
+        """Module path -> its wrapped linear (DoRA's scale reads the base weight)."""
         self.bottleneck: dict[str, BottleneckBank] = {}
         self.slot_rank = [0] * num_slots
+        self.slot_dora = [False] * num_slots
         self.slot_bottleneck = [0] * num_slots
         self.slot_activation = [0] * num_slots
         self.version = 0
@@ -233,7 +304,9 @@ class AdapterBanks:
             self.lora[path] = bank
             layer = int(path.split(".")[2])
             site = {"o_proj": f"{layer}.attn", "down_proj": f"{layer}.mlp"}.get(attr)
-            setattr(parent, attr, AdapterLinear(getattr(parent, attr), bank, self, site))
+            wrapped = AdapterLinear(getattr(parent, attr), bank, self, site)
+            self.linears[path] = wrapped
+            setattr(parent, attr, wrapped)
 
     @property
     def nbytes(self) -> int:
@@ -249,12 +322,17 @@ class AdapterBanks:
             module = weights.lora.get(path)
             if module is None:
                 bank.write(slot, None, None, 0.0)
-            else:
-                bank.write(slot, module.a, module.b, module.scale)
+                continue
+            dora = None
+            if module.magnitude is not None:
+                base = self.linears[path].base
+                dora = dora_rescale(base, module.a, module.b, module.scale, module.magnitude)
+            bank.write(slot, module.a, module.b, module.scale, dora)
         for key, bank in self.bottleneck.items():
             layer, where = key.split(".")
             bank.write(slot, weights.bottleneck.get((int(layer), where)))
         self.slot_rank[slot] = weights.rank
+        self.slot_dora[slot] = any(m.magnitude is not None for m in weights.lora.values())
         self.version += 1
         self.slot_bottleneck[slot] = weights.bottleneck_size
         self.slot_activation[slot] = _ACTIVATION_IDS.get(weights.activation, 0)
@@ -315,4 +393,5 @@ class AdapterBanks:
             bottleneck_size=size,
             activations=activations,
             key=(tuple(slots), rank, self.version),
+            dora=any(self.slot_dora[s] for s in distinct),
         )

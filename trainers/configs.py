@@ -30,7 +30,7 @@ DEFAULT_TARGET_MODULES = (
     "up_proj",
     "down_proj",
 )
-DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "bottleneck": 1e-3, "full": 5e-5}
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "qdora": 2e-4, "bottleneck": 1e-3, "full": 5e-5}
 
 
 class ConfigError(AdapterDockError, ValueError):
@@ -61,10 +61,17 @@ class TrainConfig:
         "Registry name for the result (e.g. my-classifier or team/my-classifier).",
         required=True,
     )
-    method: str = option("lora", "Adaptation method.", choices=METHODS)
-    rank: int = option(8, "LoRA rank r (lora, qlora).")
-    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank (lora, qlora).")
-    dropout: float = option(0.05, "Dropout on the adapter's input (lora, qlora, bottleneck).")
+    method: str = option(
+        "lora",
+        "Adaptation method (dora: LoRA with a learned magnitude per output feature; qdora: DoRA on the "
+        "4-bit NF4 base as qlora loads it).",
+        choices=METHODS,
+    )
+    rank: int = option(8, "LoRA rank r (lora, qlora, dora, qdora).")
+    alpha: float = option(
+        16.0, "LoRA alpha; the update is scaled by alpha / rank (lora, qlora, dora, qdora)."
+    )
+    dropout: float = option(0.05, "Dropout on the adapter's input (lora, qlora, dora, qdora, bottleneck).")
     target_modules: list[str] = option(
         ["all-linear"],
         "Modules to adapt: names like q_proj v_proj, or all-linear (every linear layer of the blocks).",
@@ -73,7 +80,7 @@ class TrainConfig:
     max_steps: int = option(-1, "Optimizer steps to run; overrides --epochs when > 0.")
     lr: float | None = option(
         None,
-        "Peak learning rate (default per method: lora/qlora 2e-4, bottleneck 1e-3, full 5e-5).",
+        "Peak learning rate (default per method: lora/qlora/dora/qdora 2e-4, bottleneck 1e-3, full 5e-5).",
     )
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup_ratio: float = option(0.05, "Share of steps spent warming the learning rate up linearly.")

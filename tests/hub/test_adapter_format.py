@@ -162,11 +162,16 @@ def test_load_config_and_weights_file(tmp_path: Path) -> None:
             "model.layers.0.self_attn.q_proj",
             "magnitude_vector",
         ),
+        (  # PEFT >= 0.14 saves DoRA's magnitude without `.weight`
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector",
+            "model.layers.0.self_attn.q_proj",
+            "magnitude_vector",
+        ),
     ],
 )
 def test_lora_key(key: str, module: str, part: str) -> None:
     match = pc.LORA_KEY.match(key)
-    assert match and (match["module"], match["part"]) == (module, part)
+    assert match and (match["module"], pc.lora_part(match)) == (module, part)
     assert pc.LORA_KEY.match(key.replace("base_model.model.", "")) is None
 
 

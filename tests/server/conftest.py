@@ -46,7 +46,11 @@ def make_peft_adapter(
     zero_b: bool = False,
     **lora_kwargs,
 ) -> Path:
-    """Save a PEFT LoRA adapter for `base` into `out` (random non-zero B unless `zero_b`)."""
+    """Save a PEFT LoRA adapter for `base` into `out` (random non-zero B unless `zero_b`).
+
+    With `use_dora=True` the DoRA magnitudes are jittered too, so that each output feature's rescaling
+    differs from 1 (PEFT initialises them to exactly ||W + s*B@A||).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import (
         AutoModelForCausalLM,
@@ -74,7 +78,9 @@ def make_peft_adapter(
     if not zero_b:
         with torch.no_grad():  # PEFT's random init is large; keep outputs in a sane range
             for name, param in peft_model.named_parameters():
-                if "lora_" in name:
+                if "magnitude" in name:
+                    param.mul_(1 + 0.3 * torch.randn_like(param))
+                elif "lora_" in name:
                     param.mul_(0.3)
     peft_model.save_pretrained(out)
     return out
@@ -137,6 +143,15 @@ def adapter_store(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory)
         "instruction",
     )
     put("zero", make_peft_adapter(tiny_base, src / "z", r=8, zero_b=True), "instruction")
+    put("dora-a", make_peft_adapter(tiny_base, src / "da", r=8, seed=11, use_dora=True), "instruction",
+        method="dora")  # fmt: skip
+    put(
+        "dora-b",
+        make_peft_adapter(tiny_base, src / "db", r=4, targets=["q_proj", "v_proj", "down_proj"], seed=12,
+                          use_dora=True, use_rslora=True),
+        "instruction",
+        method="dora",
+    )  # fmt: skip
     put(
         "cls",
         make_peft_adapter(tiny_base, src / "cls", task_type="SEQ_CLS", num_labels=3, seed=4),
@@ -166,7 +181,7 @@ def adapter_store(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def adapters(adapter_store: LocalStore) -> dict[str, Adapter]:
     """Name -> registered adapter (folder + manifest)."""
-    names = ["gen-a", "gen-b", "gen-c", "zero", "cls", "ner", "reward", "bneck"]
+    names = ["gen-a", "gen-b", "gen-c", "zero", "dora-a", "dora-b", "cls", "ner", "reward", "bneck"]
     return {n: Adapter(*_stored(adapter_store, n)) for n in names}
 
 

@@ -167,9 +167,26 @@ def test_pickle_bin_is_refused(copy_of, layout):
 def test_unsupported_peft_options_are_refused(copy_of, layout):
     folder, manifest = copy_of("gen-a")
     config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(CorruptAdapterError, match="DoRA"):
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_bias": True}))
+    with pytest.raises(CorruptAdapterError, match="LoRA bias"):
         read_adapter(folder, manifest, layout, max_rank=64)
+
+
+def test_dora_reads_its_magnitudes_and_needs_them(copy_of, layout):
+    folder, manifest = copy_of("dora-a")
+    weights = read_adapter(folder, manifest, layout, max_rank=64)
+    assert weights.method == "dora"
+    q = weights.lora["model.layers.0.self_attn.q_proj"]
+    assert q.magnitude is not None and q.magnitude.shape == (q.b.shape[0],)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": False}))
+    with pytest.raises(CorruptAdapterError, match="magnitude_vector"):  # a magnitude without DoRA
+        read_adapter(folder, manifest, layout, max_rank=64)
+    plain, plain_manifest = copy_of("gen-a")
+    config = json.loads((plain / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(CorruptAdapterError, match="no lora_magnitude_vector"):  # DoRA without its magnitudes
+        read_adapter(plain, plain_manifest, layout, max_rank=64)
 
 
 def test_rank_above_max_rank_is_refused(adapters, layout):

@@ -110,6 +110,96 @@ def test_per_row_lora_matches_peft(engine, adapters, loaded, tiny_base, name):
         engine.release(seq_id)
 
 
+def _peft_greedy(peft_model, prompt, steps):
+    """Greedy tokens and each step's last-token logits of PEFT on one prompt (no cache: the reference)."""
+    seq, tokens, logits = list(prompt), [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            row = peft_model(input_ids=torch.tensor([seq])).logits[0, -1]
+            logits.append(row)
+            tokens.append(int(row.argmax()))
+            seq.append(tokens[-1])
+    return tokens, logits
+
+
+def _greedy_logits(engine, prompts, slots, steps):
+    """Like `_greedy`, and also each row's logits at every step."""
+    seq_ids = list(range(2000, 2000 + len(prompts)))
+    toks = {s: [] for s in seq_ids}
+    rows = {s: [] for s in seq_ids}
+    logits = engine.prefill(seq_ids, prompts, slots)
+    for s, row in zip(seq_ids, logits, strict=True):
+        rows[s].append(row)
+        toks[s].append(int(row.argmax()))
+    for _ in range(steps - 1):
+        order = engine.active_ids
+        logits = engine.decode([toks[s][-1] for s in order])
+        for s, row in zip(order, logits, strict=True):
+            rows[s].append(row)
+            toks[s].append(int(row.argmax()))
+    for s in seq_ids:
+        engine.release(s)
+    return [toks[s] for s in seq_ids], [rows[s] for s in seq_ids]
+
+
+@pytest.mark.parametrize("name", ["dora-a", "dora-b"])
+def test_dora_matches_peft_alone_and_in_a_mixed_batch(engine, adapters, loaded, tiny_base, name):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dora = loaded(name)
+    lora_a, lora_b = loaded("gen-a"), loaded("gen-b")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base.path), adapters[name].path
+    ).eval()
+    prompts = _ids(engine, PROMPTS)
+    reference = [_peft_greedy(peft_model, p, steps=6) for p in prompts]
+    with peft_model.disable_adapter():
+        base_reference = _peft_greedy(peft_model, prompts[0], steps=6)
+    alone_tokens, alone_logits = _greedy_logits(engine, prompts, [dora.slot] * 3, steps=6)
+    # DoRA rows beside LoRA rows and a base row, in one batch
+    slots = [dora.slot, lora_a.slot, dora.slot, 0, lora_b.slot, dora.slot]
+    mixed_prompts = [prompts[0], prompts[1], prompts[1], prompts[0], prompts[2], prompts[2]]
+    mixed_tokens, mixed_logits = _greedy_logits(engine, mixed_prompts, slots, steps=6)
+    for i, (tokens, logits) in enumerate(reference):
+        assert alone_tokens[i] == tokens
+        torch.testing.assert_close(torch.stack(alone_logits[i]), torch.stack(logits), rtol=1e-4, atol=1e-4)
+    for row, i in ((0, 0), (2, 1), (5, 2)):
+        assert mixed_tokens[row] == reference[i][0]
+        torch.testing.assert_close(
+            torch.stack(mixed_logits[row]), torch.stack(reference[i][1]), rtol=1e-4, atol=1e-4
+        )
+    assert mixed_tokens[3] == base_reference[0], "the base row is the base"
+    torch.testing.assert_close(
+        torch.stack(mixed_logits[3]), torch.stack(base_reference[1]), rtol=1e-4, atol=1e-4
+    )
+    solo_lora = _greedy_logits(engine, [prompts[1], prompts[2]], [lora_a.slot, lora_b.slot], steps=6)
+    assert [mixed_tokens[1], mixed_tokens[4]] == solo_lora[0], "LoRA rows keep their solo output"
+    for got, want in ((mixed_logits[1], solo_lora[1][0]), (mixed_logits[4], solo_lora[1][1])):
+        torch.testing.assert_close(torch.stack(got), torch.stack(want), rtol=1e-5, atol=1e-5)
+    assert alone_tokens[0] != base_reference[0], "the DoRA adapter must change the output"
+
+
+def test_dora_magnitude_is_not_plain_lora(engine, adapters, loaded, tiny_base):
+    """Dropping the magnitude (serving the factors as a plain LoRA) would give other logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    dora = loaded("dora-a")
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base.path), adapters["dora-a"].path
+    ).eval()
+    for module in peft_model.modules():  # the same factors, without the magnitude: plain LoRA
+        if hasattr(module, "lora_variant"):
+            module.lora_variant.clear()
+    prompt = _ids(engine, PROMPTS[:1])
+    with torch.inference_mode():
+        plain = peft_model(input_ids=torch.tensor(prompt)).logits[0, -1]
+    ours = engine.prefill([1], prompt, [dora.slot])[0]
+    engine.release(1)
+    assert (ours - plain).abs().max() > 1e-2
+
+
 def test_zero_b_lora_equals_base(engine, loaded):
     zero = loaded("zero")
     prompts = _ids(engine, PROMPTS)

@@ -2,8 +2,9 @@
 
 For each family of `tests/server/arch_bases.py` (Llama, Qwen2, Qwen3, Mistral, Gemma 2, Gemma 3, Phi-3):
 greedy tokens for an adapter equal PEFT's `generate`, alone and in a mixed batch with two other adapters
-and a base row (which equals plain transformers); classification / NER logits equal PEFT's; a bottleneck
-adapter equals the HF model with the same residual hooks. Anything else is refused at start.
+and a base row (which equals plain transformers); so do a DoRA adapter's tokens and logits; classification /
+NER logits equal PEFT's; a bottleneck adapter equals the HF model with the same residual hooks. Anything
+else is refused at start.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _register(family: str, base: BaseInfo, root: Path) -> dict[str, Adapter]:
             "instruction",
             (),
         ),
+        "dora": (
+            make_peft_adapter(base, src / "dora", r=8, targets=targets, seed=6, use_dora=True),
+            "instruction",
+            (),
+        ),
         "cls": (
             make_peft_adapter(base, src / "cls", task_type="SEQ_CLS", num_labels=3, targets=targets, seed=4),
             "classification",
@@ -72,7 +78,8 @@ def _register(family: str, base: BaseInfo, root: Path) -> dict[str, Adapter]:
         made["ner"] = (ner, "ner", ("O", "B-PER", "I-PER"))
     adapters = {}
     for name, (folder, task, labels) in made.items():
-        store.put(folder, name=name, task=task, method="lora", base=base.spec, labels=labels)
+        method = "dora" if name == "dora" else "lora"
+        store.put(folder, name=name, task=task, method=method, base=base.spec, labels=labels)
     bneck = make_bottleneck_adapter(base, src / "bn", variant="houlsby", act="gelu", size=8)
     store.put(bneck, name="bneck", task="instruction", method="bottleneck", base=base.spec)
     for name in [*made, "bneck"]:
@@ -164,6 +171,28 @@ def test_greedy_tokens_equal_peft_generate_alone_and_mixed(arch: Arch, load) -> 
     for seq_id in (1, 2):
         engine.release(seq_id)
     assert (with_adapter - base).abs().max() > 1e-2, "the adapter must change the logits"
+
+
+def test_dora_tokens_and_logits_equal_peft_alone_and_mixed(arch: Arch, load) -> None:
+    """DoRA's per-feature rescaling (with the q/k/v biases of Qwen2, Phi-3's fused linears) equals PEFT's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine = arch.engine
+    prompts = [engine.tokenizer(t)["input_ids"] for t in PROMPTS]
+    dora, a = load("dora").slot, load("gen-a").slot
+    want = _hf_greedy(arch, prompts[0], "dora")
+    assert _engine_greedy(engine, prompts[:1], [dora]) == [want], arch.family
+    mixed = _engine_greedy(engine, [prompts[0], prompts[1], prompts[0]], [dora, a, 0])
+    assert mixed == [want, _hf_greedy(arch, prompts[1], "gen-a"), _hf_greedy(arch, prompts[0], None)]
+    model = AutoModelForCausalLM.from_pretrained(arch.base.path)
+    ref = PeftModel.from_pretrained(model, arch.adapters["dora"].path).eval()
+    with torch.inference_mode():
+        expected = ref(input_ids=torch.tensor([prompts[2]])).logits[0, -1]
+    got = engine.prefill([1, 2], [prompts[2], prompts[1]], [dora, a])[0]
+    for seq_id in (1, 2):
+        engine.release(seq_id)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=arch.family)
 
 
 def test_running_server_answers_what_peft_generates(arch: Arch) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from trainers import instruction
@@ -17,7 +18,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "trainers"
 PROMPT = [{"role": "user", "content": "Add 2 and 3."}]
 
 
-@pytest.mark.parametrize("method", ["lora", "bottleneck", "full", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "bottleneck", "full", "qlora", "dora", "qdora"])
 def test_train_register_reload_generate(
     method, make_config, registry, capture_model, reload_stored, tiny_base
 ) -> None:
@@ -33,6 +34,15 @@ def test_train_register_reload_generate(
         assert set(config["target_modules"]) == {
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
         }  # fmt: skip
+    if method in ("dora", "qdora"):  # PEFT's DoRA format: use_dora and one magnitude per adapted linear
+        folder = registry.get(manifest.ref).path
+        config = json.loads((folder / "adapter_config.json").read_text())
+        with safe_open(str(folder / "adapter_model.safetensors"), "pt") as tensors:
+            names = list(tensors.keys())
+        magnitudes = [k for k in names if "lora_magnitude_vector" in k]
+        factors = [k for k in names if "lora_A" in k]
+        assert config["use_dora"] is True and manifest.method == method
+        assert len(magnitudes) == len(factors) > 0
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base.path)
     ids = tokenizer.apply_chat_template(
@@ -43,7 +53,7 @@ def test_train_register_reload_generate(
         out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
         reloaded = model(**ids).logits
     assert out.shape[1] > ids["input_ids"].shape[1]
-    if method != "qlora":
+    if method not in ("qlora", "qdora"):
         seen["model"].eval()
         with torch.no_grad():
             trained = seen["model"](**ids).logits

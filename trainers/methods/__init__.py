@@ -1,7 +1,7 @@
 """Adaptation methods: which weights train, how the base is loaded for them, how results are saved.
 
-A `Method` is one typed object per method (`lora`, `qlora`, `bottleneck`, `full`); a recipe calls
-`method = get_method(config.method)` and then, in this order:
+A `Method` is one typed object per method (`lora`, `qlora`, `dora`, `qdora`, `bottleneck`, `full`); a
+recipe calls `method = get_method(config.method)` and then, in this order:
 
 - `method.load_kwargs(config, device)`: extra `from_pretrained` arguments (quantization);
 - `method.prepare(model, config, task)`: freeze/wrap the base (seeded, for a repeatable init);
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 _CLASSES = {
     "lora": ("trainers.methods.lora", "LoRA"),
     "qlora": ("trainers.methods.qlora", "QLoRA"),
+    "dora": ("trainers.methods.dora", "DoRA"),
+    "qdora": ("trainers.methods.dora", "QDoRA"),
     "bottleneck": ("trainers.methods.bottleneck", "BottleneckMethod"),
     "full": ("trainers.methods.full", "FullFineTuning"),
 }

@@ -8,7 +8,7 @@ it (the `score` head included) with no adapterdock code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -18,8 +18,12 @@ from trainers.methods import Method
 from trainers.modeling import HEAD_MODULES, PEFT_TASK_TYPES, has_head, seed_everything
 
 
-def lora_config(config: TrainConfig, task: str) -> LoraConfig:
-    """PEFT's LoraConfig for this run (heads of labelled tasks are trained and saved in full)."""
+def lora_config(config: TrainConfig, task: str, *, use_dora: bool = False) -> LoraConfig:
+    """PEFT's LoraConfig for this run (heads of labelled tasks are trained and saved in full).
+
+    Args:
+        use_dora: DoRA (`trainers.methods.dora`): the update split into magnitude and direction.
+    """
     return LoraConfig(
         task_type=PEFT_TASK_TYPES[task],
         r=config.rank,
@@ -27,6 +31,7 @@ def lora_config(config: TrainConfig, task: str) -> LoraConfig:
         lora_dropout=config.dropout,
         target_modules=config.resolved_target_modules(),
         modules_to_save=list(HEAD_MODULES) if has_head(task) else None,
+        use_dora=use_dora,
     )
 
 
@@ -35,13 +40,15 @@ class LoRA(Method):
 
     name = "lora"
     adapter_format = "peft"
+    use_dora: ClassVar[bool] = False
+    """Whether the LoRA is a DoRA (`trainers.methods.dora`)."""
 
     def prepare(self, model: torch.nn.Module, config: TrainConfig, task: str) -> PeftModel:
         """Wrap `model` with LoRA; seeds first so the adapter's init is repeatable."""
         seed_everything(config.seed)
         base_name = config.base
         model.config.name_or_path = base_name
-        peft_model = get_peft_model(model, lora_config(config, task))
+        peft_model = get_peft_model(model, lora_config(config, task, use_dora=self.use_dora))
         peft_model.peft_config["default"].base_model_name_or_path = base_name
         return peft_model
 
