@@ -27,7 +27,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hub.manifest import Manifest
-from server.adapter_weights import BaseLayout, read_adapter
+from server.adapter_sets import combine_lora
+from server.adapter_weights import AdapterWeights, BaseLayout, read_adapter
 from server.attention import (
     ATTN_IMPLEMENTATION,
     KV_KWARG,
@@ -161,6 +162,29 @@ class Engine:
             EngineCapacityError: every slot is taken.
         """
         weights = read_adapter(folder, manifest, self.layout, max_rank=self.max_rank)
+        return self._install(key, weights, manifest)
+
+    def load_adapter_set(self, key: str, parts: list[tuple[str, Path, Manifest, float]]) -> LoadedAdapter:
+        """Load a weighted adapter set as one LoRA in one slot (`server.adapter_sets`). Blocking.
+
+        Args:
+            key: the set's canonical key (`hub.adapter_set.set_key`).
+            parts: (`name@version`, folder, manifest, weight) per part, each already resolved and checked.
+
+        Raises:
+            CorruptAdapterError, BaseMismatchError: as `load_adapter`, for any part.
+            NotCombinableError: a part that is not a plain LoRA. AdapterSetTooLargeError: summed rank
+                above `max_rank`. EngineCapacityError: every slot is taken.
+        """
+        read = [
+            (name, read_adapter(folder, manifest, self.layout, max_rank=self.max_rank), weight)
+            for name, folder, manifest, weight in parts
+        ]
+        weights = combine_lora(key, read, self.max_rank)
+        return self._install(key, weights, parts[0][2])
+
+    def _install(self, key: str, weights: AdapterWeights, manifest: Manifest) -> LoadedAdapter:
+        """Copy checked weights into a free slot (and keep the task head); -> the resident adapter."""
         head = None
         if weights.head_weight is not None:
             bias = weights.head_bias

@@ -52,6 +52,19 @@ class FullModelError(AdapterDockError, ValueError):
     """A full fine-tuned model named where a swappable adapter is expected."""
 
 
+class NotCombinableError(AdapterDockError, ValueError):
+    """A weighted adapter set with a part that is no plain generation LoRA (DoRA, bottleneck, task head)."""
+
+    default_remedy = (
+        "Combine only LoRA / QLoRA adapters of generation tasks (instruction, dpo, ppo); "
+        "request the others alone."
+    )
+
+
+class AdapterSetTooLargeError(AdapterDockError, ValueError):
+    """A weighted adapter set whose summed LoRA rank does not fit the engine's slots (`--max-rank`)."""
+
+
 class InputTooLongError(AdapterDockError, ValueError):
     """A request over one of the server's size limits (tokens, inputs, max_tokens)."""
 
@@ -200,6 +213,8 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     InvalidInputError: ErrorSpec(400, "invalid_input"),
     UnsupportedParameterError: ErrorSpec(400, "unsupported_parameter"),
     AdapterTooLargeError: ErrorSpec(400, "adapter_too_large"),
+    AdapterSetTooLargeError: ErrorSpec(400, "adapter_set_too_large"),
+    NotCombinableError: ErrorSpec(422, "not_combinable"),
     HubNotConfiguredError: ErrorSpec(400, "hub_not_configured"),
     BodyTooLargeError: ErrorSpec(413, "body_too_large"),
     ChecksumMismatchError: ErrorSpec(422, "corrupt_adapter"),

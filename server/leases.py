@@ -3,7 +3,9 @@
 Boundary: glue between the routes, the resolver and the adapter cache. `resolve` runs the resolver
 (names, manifest, base fingerprint, task) off the event loop; `acquire` and `pin` load on a miss,
 verifying checksums first. A `Lease` keeps an adapter resident for exactly as long as a request (or
-its stream) runs. A scoped key's adapter scope is checked here, before the registry is read, so every route
+its stream) runs. A weighted set (`tone@2*0.5+facts@1*0.5`, `hub.adapter_set`) resolves and checks every
+part like a single reference, then leases one combined LoRA cached under the set's canonical key
+(`acquire_set`). A scoped key's adapter scope is checked here, before the registry is read, so every route
 that names an adapter is covered. Generation itself is `server.streams`'.
 """
 
@@ -15,8 +17,10 @@ from collections.abc import Callable
 
 from fastapi import Request
 
+from hub.adapter_set import is_adapter_set, parse_adapter_set, set_key
 from server.access import check_scope
 from server.adapter_cache import CacheEntry
+from server.adapter_sets import check_combinable
 from server.requests import AdapterHandle
 from server.resolver import GENERATE, ResolvedAdapter, parse_reference
 from server.runtime import ServerState
@@ -29,16 +33,20 @@ _WEIGHT_SUFFIXES = (".safetensors",)
 class Lease:
     """One request's hold on an adapter (or on the bare base, `adapter is None`); release exactly once."""
 
-    def __init__(self, state: ServerState, key: str | None, adapter: AdapterHandle | None) -> None:
+    def __init__(
+        self, state: ServerState, key: str | None, adapter: AdapterHandle | None, label: str | None = None
+    ) -> None:
         self._state = state
         self.key = key
         self.adapter = adapter
         self._released = key is None
+        self._label = label
 
     @property
     def label(self) -> str:
-        """Metrics label: `name@version`, or the base's name."""
-        return self.key or self._state.base_name
+        """Metrics label and response `model`: `name@version`, a set's parts (`a@1+b@2`, without weights,
+        so that weights cannot multiply metric series), or the base's name."""
+        return self._label or self.key or self._state.base_name
 
     def release(self) -> None:
         if not self._released:
@@ -107,8 +115,50 @@ async def acquire_model(
         check_scope(principal(request), state.base_name)
         request.state.adapter = state.base_name
         return Lease(state, None, None)
+    if is_adapter_set(model):
+        return await acquire_set(state, request, model, endpoint=endpoint, source=source)
     resolved = await resolve(state, request, model, endpoint, source)
     return await acquire(state, resolved)
+
+
+async def acquire_set(
+    state: ServerState, request: Request, text: str, *, endpoint: str = GENERATE, source: str | None = None
+) -> Lease:
+    """Lease the weighted set `text` names as one combined LoRA, built on its first request.
+
+    Every part is resolved and checked as a single reference would be (scope, base fingerprint, task),
+    then must be a plain LoRA; the combined adapter is cached under the canonical key of the resolved
+    versions and weights, so a moved tag makes a new set and never serves a stale one.
+
+    Raises:
+        InvalidReferenceError: malformed set syntax. NotCombinableError: a DoRA or bottleneck part.
+        AdapterSetTooLargeError: summed rank above --max-rank. And whatever resolving a part raises.
+    """
+    assert state.cache is not None and state.resolver is not None
+    parts = parse_adapter_set(text)
+    resolved = [await resolve(state, request, str(part.ref), endpoint, source) for part in parts]
+    for one in resolved:
+        check_combinable(one.key, one.manifest)
+    key = set_key([(one.key, part.weight) for one, part in zip(resolved, parts, strict=True)])
+    label = "+".join(sorted(one.key for one in resolved))
+    request.state.adapter = label
+    resolver, engine = state.resolver, state.engine
+
+    def load() -> AdapterHandle:
+        for one in resolved:
+            resolver.verify(one)
+        members = [
+            (one.key, one.path, one.manifest, part.weight) for one, part in zip(resolved, parts, strict=True)
+        ]
+        return engine.load_adapter_set(key, members)
+
+    adapter = await state.cache.acquire(
+        key,
+        load,
+        nbytes_hint=sum(weights_bytes(one) for one in resolved),
+        stamp="+".join(sorted(one.manifest.created_at for one in resolved)),
+    )
+    return Lease(state, key, adapter, label=label)
 
 
 def principal(request: Request) -> object:

@@ -143,6 +143,7 @@ def adapter_store(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory)
         "instruction",
     )
     put("zero", make_peft_adapter(tiny_base, src / "z", r=8, zero_b=True), "instruction")
+    put("gen-d", make_peft_adapter(tiny_base, src / "d", r=8, seed=13), "instruction")
     put("dora-a", make_peft_adapter(tiny_base, src / "da", r=8, seed=11, use_dora=True), "instruction",
         method="dora")  # fmt: skip
     put(
@@ -181,7 +182,7 @@ def adapter_store(tiny_base: BaseInfo, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="session")
 def adapters(adapter_store: LocalStore) -> dict[str, Adapter]:
     """Name -> registered adapter (folder + manifest)."""
-    names = ["gen-a", "gen-b", "gen-c", "zero", "dora-a", "dora-b", "cls", "ner", "reward", "bneck"]
+    names = ["gen-a", "gen-b", "gen-c", "gen-d", "zero", "dora-a", "dora-b", "cls", "ner", "reward", "bneck"]
     return {n: Adapter(*_stored(adapter_store, n)) for n in names}
 
 

@@ -200,6 +200,77 @@ def test_dora_magnitude_is_not_plain_lora(engine, adapters, loaded, tiny_base):
     assert (ours - plain).abs().max() > 1e-2
 
 
+def _set_parts(adapters, spec):
+    """(name@version, folder, manifest, weight) for `engine.load_adapter_set`."""
+    return [(adapters[n].key, adapters[n].path, adapters[n].manifest, w) for n, w in spec]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [("gen-a", 0.5), ("gen-d", 0.5)],  # equal ranks (8 + 8)
+        [
+            ("gen-a", 0.7),
+            ("gen-c", -0.4),
+            ("gen-b", 1.5),
+        ],  # ranks 8 + 16 + 4; rsLoRA, alpha_pattern, q/v only
+    ],
+    ids=["equal-ranks", "different-ranks"],
+)
+def test_weighted_set_equals_peft_cat_in_a_batch_with_plain_rows(engine, adapters, tiny_base, spec):
+    """A set is PEFT's add_weighted_adapter(..., "cat"): tokens and logits, beside LoRA and base rows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    # PEFT's combined adapter copies the first part's config (rsLoRA included) with r = alpha = sum of ranks:
+    # the first part here is a plain LoRA, so the combined scaling is 1, as in the weighted sum of deltas
+    names = [n for n, _ in spec]
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_base.path), adapters[names[0]].path, adapter_name=names[0]
+    )
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name].path, adapter_name=name)
+    peft_model.add_weighted_adapter(names, [w for _, w in spec], "mix", combination_type="cat")
+    peft_model.set_adapter("mix")
+    peft_model.eval()
+    combined = engine.load_adapter_set("set", _set_parts(adapters, spec))
+    plain = engine.load_adapter(adapters["gen-a"].key, adapters["gen-a"].path, adapters["gen-a"].manifest)
+    try:
+        prompts = _ids(engine, PROMPTS)
+        reference = [_peft_greedy(peft_model, p, steps=6) for p in prompts[:2]]
+        slots = [combined.slot, plain.slot, combined.slot, 0]
+        tokens, logits = _greedy_logits(
+            engine, [prompts[0], prompts[2], prompts[1], prompts[2]], slots, steps=6
+        )
+        solo = _greedy_logits(engine, [prompts[2], prompts[2]], [plain.slot, 0], steps=6)
+    finally:
+        engine.unload_adapter(combined)
+        engine.unload_adapter(plain)
+    for row, (want_tokens, want_logits) in zip((0, 2), reference, strict=True):
+        assert tokens[row] == want_tokens
+        torch.testing.assert_close(torch.stack(logits[row]), torch.stack(want_logits), rtol=1e-4, atol=1e-4)
+    assert [tokens[1], tokens[3]] == solo[0], "plain rows keep their solo output"
+    with peft_model.disable_adapter():
+        base_tokens, _ = _peft_greedy(peft_model, prompts[0], steps=6)
+    assert tokens[0] != base_tokens, "the set must change the output"
+
+
+def test_weighted_set_refuses_dora_and_ranks_past_max_rank(engine, adapters):
+    from server.errors import AdapterSetTooLargeError, NotCombinableError
+
+    free = engine.free_slots
+    with pytest.raises(NotCombinableError, match="dora-a@1 in the adapter set s is a DoRA adapter"):
+        engine.load_adapter_set("s", _set_parts(adapters, [("gen-a", 1.0), ("dora-a", 1.0)]))
+    with pytest.raises(NotCombinableError, match="bottleneck"):
+        engine.load_adapter_set("s", _set_parts(adapters, [("gen-a", 1.0), ("bneck", 1.0)]))
+    too_big = [("gen-a", 1.0), ("gen-c", 1.0), ("gen-d", 1.0)]  # 8 + 16 + 8 = 32: fits --max-rank 32
+    engine.unload_adapter(engine.load_adapter_set("s", _set_parts(adapters, too_big)))
+    too_big.append(("zero", 1.0))  # + 8 = 40 > 32
+    with pytest.raises(AdapterSetTooLargeError, match=r"8 \+ 16 \+ 8 \+ 8 = 40 .* --max-rank 32"):
+        engine.load_adapter_set("s", _set_parts(adapters, too_big))
+    assert engine.free_slots == free
+
+
 def test_zero_b_lora_equals_base(engine, loaded):
     zero = loaded("zero")
     prompts = _ids(engine, PROMPTS)
