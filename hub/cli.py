@@ -18,8 +18,10 @@ from hub.builtin_bases import BUILTIN_BASES, create_builtin_base
 from hub.compat import check_fits_base
 from hub.errors import AdapterDockError, BaseMismatchError
 from hub.manifest import TASKS, Manifest
+from hub.ref import AdapterRef
 from hub.remote_cli import add_remote_commands
 from hub.store import LocalStore, default_registry_root
+from hub.traffic import TrafficSplit, parse_split
 
 REGISTRY_HELP = "registry folder (default: $ADAPTERDOCK_REGISTRY or ./adapters)"
 
@@ -113,6 +115,22 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     tag.add_argument("ref", help="the version to tag")
     tag.add_argument("tag", help="tag name, e.g. prod")
 
+    route = sub.add_parser(
+        "route",
+        formatter_class=help_formatter,
+        help="split a tag's traffic between versions (canaries), or promote one",
+        description="Send requests for NAME@TAG to several versions by weight: the same OpenAI `user` "
+        "always gets the same version, requests without one are drawn by weight. A running server "
+        "follows the change from its next request. --promote V moves all traffic to V (a plain tag again).",
+        epilog="example:\n  adapterdock hub route support prod --split 3=90,4=10\n"
+        "  adapterdock hub route support prod --promote 4",
+    )
+    route.add_argument("name", help="the adapter name")
+    route.add_argument("tag", help="the tag to split, e.g. prod")
+    how = route.add_mutually_exclusive_group(required=True)
+    how.add_argument("--split", metavar="V=W,...", help="versions with positive integer weights: 3=90,4=10")
+    how.add_argument("--promote", metavar="V", type=int, help="send all traffic to version V")
+
     imp = sub.add_parser(
         "import",
         formatter_class=help_formatter,
@@ -157,6 +175,10 @@ def run_hub(args: argparse.Namespace) -> int:
             print(store.resolve(args.ref))
             return 0
         stored = store.get(args.ref)
+        ref = AdapterRef.parse(args.ref)
+        split = store.routes(ref.name).get(ref.tag) if ref.tag else None
+        if split is not None:  # the manifest below is the split's main version
+            print(f"{ref} -> {describe_split(ref.name, split)}")
         print(stored.manifest.to_json())
         card = stored.path / "README.md"
         if card.is_file():
@@ -170,6 +192,15 @@ def run_hub(args: argparse.Namespace) -> int:
         resolved = store.tag(args.ref, args.tag)
         print(f"{resolved.name}@{args.tag} -> {resolved}")
         return 0
+    if args.command == "route":
+        if args.promote is not None:
+            resolved = store.tag(AdapterRef(args.name, version=args.promote), args.tag)
+            print(f"{args.name}@{args.tag} -> {resolved} (all traffic)")
+        else:
+            split = parse_split(args.split)
+            store.route(args.name, args.tag, split)
+            print(f"{args.name}@{args.tag} -> {describe_split(args.name, split)}")
+        return 0
     if args.command == "import":
         manifest = import_folder(store, args)
         print(f"registered {manifest.ref}")
@@ -178,6 +209,12 @@ def run_hub(args: argparse.Namespace) -> int:
     if handler is None:
         raise SystemExit(f"unknown command {args.command}")
     return int(handler(args, store) or 0)
+
+
+def describe_split(name: str, split: TrafficSplit) -> str:
+    """`support@3 90%, support@4 10% (sticky per user)`."""
+    shares = ", ".join(f"{name}@{v} {100 * w / split.total:.3g}%" for v, w in split.weights)
+    return f"{shares} (split {split.describe()}, sticky per user)"
 
 
 def import_folder(store: LocalStore, args: argparse.Namespace) -> Manifest:

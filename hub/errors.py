@@ -36,6 +36,12 @@ class AdapterNotFoundError(AdapterDockError, LookupError):
     default_remedy = "Run `adapterdock hub list` to see what is registered."
 
 
+class InvalidSplitError(AdapterDockError, ValueError):
+    """A traffic split (`hub route --split`) that is malformed or names versions that do not exist."""
+
+    default_remedy = "Write --split VERSION=WEIGHT[,VERSION=WEIGHT...], e.g. 3=90,4=10."
+
+
 class ChecksumMismatchError(AdapterDockError, ValueError):
     """A file's bytes no longer match the sha256 its manifest recorded."""
 

@@ -1,7 +1,8 @@
 """The local registry: versioned, checksummed adapter folders under one root (default `./adapters`).
 
 Layout: `<root>/<name>/<version>/` holds the adapter files, `manifest.json` and a `README.md` card;
-`<root>/<name>/tags.json` maps movable tags to versions (`latest` is always the highest version).
+`<root>/<name>/tags.json` maps movable tags to versions (`latest` is always the highest version);
+`<root>/<name>/routes.json` (optional) splits a tag's traffic between versions by weight (`hub.traffic`).
 Boundary: files and manifests only. Writes are atomic: a version is built in `<root>/.staging/`, checked,
 fsynced, then renamed into place under a per-name lock, so readers never see a partial version and
 concurrent writers get distinct versions. What one version folder holds (file entries, checks, card) is
@@ -34,6 +35,7 @@ from hub.errors import (
 )
 from hub.manifest import MANIFEST_FILE, BaseSpec, Manifest, utc_now
 from hub.ref import AdapterRef, validate_name, validate_tag
+from hub.traffic import TrafficSplit, read_routes, write_routes
 from hub.version_folder import copy_files, file_entry, render_card, verify_files
 
 logger = logging.getLogger(__name__)
@@ -368,8 +370,47 @@ class LocalStore:
             current = self._read_tags(name_dir)
             current[tag] = resolved.version
             write_atomic(name_dir / TAGS_FILE, json.dumps(current, indent=2, sort_keys=True))
+            routes = read_routes(name_dir)
+            if routes.pop(tag, None) is not None:  # a plain tag ends its split (`hub route --promote`)
+                write_routes(name_dir, routes)
         logger.info("tagged %s as %s@%s", resolved, resolved.name, tag)
         return resolved
+
+    def route(self, name: str, tag: str, split: TrafficSplit) -> None:
+        """Split the traffic of `name@tag` between versions by weight.
+
+        `tags.json` names the split's heaviest version, for readers that know only tags.
+
+        Raises:
+            InvalidReferenceError: a malformed tag, or `latest`. AdapterNotFoundError: a version that does
+            not exist.
+        """
+        validate_tag(tag)
+        if tag == "latest":
+            raise InvalidReferenceError(
+                "The tag 'latest' always names the highest version; route another tag."
+            )
+        with self._locked(name) as name_dir:
+            versions = self._versions_in(name_dir)
+            missing = [v for v in split.versions if v not in versions]
+            if missing:
+                raise AdapterNotFoundError(
+                    f"Adapter {name!r} has no version {_fmt(missing)}; it has {_fmt(versions)}.",
+                    "Split only between registered versions (`adapterdock hub list --all-versions`).",
+                )
+            routes = read_routes(name_dir)
+            routes[tag] = split
+            write_routes(name_dir, routes)
+            tags = self._read_tags(name_dir)
+            tags[tag] = split.main
+            write_atomic(name_dir / TAGS_FILE, json.dumps(tags, indent=2, sort_keys=True))
+        logger.info("routed %s@%s to %s", name, tag, split.describe())
+
+    def routes(self, name: str) -> dict[str, TrafficSplit]:
+        """The traffic splits of `name` by tag (only those whose versions all still exist)."""
+        name_dir = self._name_dir(name)
+        versions = set(self._versions_in(name_dir))
+        return {t: s for t, s in read_routes(name_dir).items() if set(s.versions) <= versions}
 
     def delete(self, ref: str | AdapterRef) -> list[AdapterRef]:
         """Remove one version (`name@3`, `name@tag`) or, for a bare name, every version."""
@@ -389,6 +430,9 @@ class LocalStore:
             remaining = self._versions_in(name_dir)
             tags = {t: v for t, v in self._read_tags(name_dir).items() if v in remaining}
             write_atomic(name_dir / TAGS_FILE, json.dumps(tags, indent=2, sort_keys=True))
+            routes = read_routes(name_dir)
+            if any(not set(split.versions) <= set(remaining) for split in routes.values()):
+                write_routes(name_dir, {t: r for t, r in routes.items() if set(r.versions) <= set(remaining)})
         logger.info("deleted %s", ", ".join(str(t) for t in targets))
         return targets
 

@@ -25,7 +25,12 @@ from server.config import ServerConfig
 from server.errors import install_error_handlers
 from server.feedback import routes as feedback
 from server.metrics import Metrics
-from server.middleware import AccessMiddleware, BodyLimitMiddleware, MetricsMiddleware
+from server.middleware import (
+    AccessMiddleware,
+    AdapterVersionMiddleware,
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+)
 from server.quotas import Quotas
 from server.resolver import Resolver
 from server.routes import adapters, health, lorax, openai, tasks
@@ -97,6 +102,7 @@ def create_app(
     for module in (openai, lorax, tasks, adapters, feedback, health):
         app.include_router(module.router)
     # Last added runs first: metrics see every response, auth runs before the body is read.
+    app.add_middleware(AdapterVersionMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     quotas = Quotas(config.keys)
     app.add_middleware(AccessMiddleware, access=Access(config), quotas=quotas, metrics=state.metrics)

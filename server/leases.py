@@ -56,13 +56,21 @@ class Lease:
 
 
 async def resolve(
-    state: ServerState, request: Request, text: str, endpoint: str | None, source: str | None = None
+    state: ServerState,
+    request: Request,
+    text: str,
+    endpoint: str | None,
+    source: str | None = None,
+    *,
+    user: str | None = None,
 ) -> ResolvedAdapter:
-    """Resolve and check a reference off the event loop (inside the caller's key scope); tag the request
-    for metrics."""
+    """Resolve and check a reference off the event loop (inside the caller's key scope; `user` for sticky
+    traffic splits); tag the request with the version for metrics and the `x-adapter-version` header."""
     assert state.resolver is not None
     check_scope(principal(request), parse_reference(text).name)
-    resolved = await asyncio.to_thread(state.resolver.resolve, text, endpoint=endpoint, source=source)
+    resolved = await asyncio.to_thread(
+        state.resolver.resolve, text, endpoint=endpoint, source=source, user=user
+    )
     request.state.adapter = resolved.key
     return resolved
 
@@ -109,15 +117,17 @@ async def acquire_model(
     *,
     endpoint: str = GENERATE,
     source: str | None = None,
+    user: str | None = None,
 ) -> Lease:
-    """Lease what a generation request's `model` names: the bare base for the base's name, else an adapter."""
+    """Lease what a generation request's `model` names: the bare base for the base's name, else an adapter
+    (a split tag picks its version by `user`)."""
     if model is None or (model == state.base_name and source != "hub"):
         check_scope(principal(request), state.base_name)
         request.state.adapter = state.base_name
         return Lease(state, None, None)
     if is_adapter_set(model):
         return await acquire_set(state, request, model, endpoint=endpoint, source=source)
-    resolved = await resolve(state, request, model, endpoint, source)
+    resolved = await resolve(state, request, model, endpoint, source, user=user)
     return await acquire(state, resolved)
 
 

@@ -25,6 +25,7 @@ from server.feedback.auth import PAGE_PATH
 from server.metrics import NO_ADAPTER, Metrics
 from server.quotas import Quotas, bind_token_sink, unbind_token_sink
 
+VERSION_HEADER = b"x-adapter-version"
 PAGE_CHALLENGE = 'Basic realm="adapterdock feedback", charset="UTF-8"'
 """Asked of a browser opening /feedback without a token, so it prompts for one (the token as password)."""
 
@@ -116,6 +117,31 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
         finally:
             unbind_token_sink(bound)
+
+
+class AdapterVersionMiddleware:
+    """Tags each response with `x-adapter-version`: the immutable `name@version` (or the base's name) that
+    served it, as the route left it in `scope["state"]["adapter"]`, so a client of a split tag (or of the
+    LoRAX/TGI routes, whose bodies have no `model`) knows which version answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def tagged_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                served = scope.get("state", {}).get("adapter")
+                if served and served != NO_ADAPTER:
+                    headers = list(message.get("headers", []))
+                    headers.append((VERSION_HEADER, served.encode("latin-1", "replace")))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, tagged_send)
 
 
 class _BodyTooLarge(HTTPException):

@@ -114,14 +114,24 @@ class Resolver:
 
     # ---- public --------------------------------------------------------------------------------
     def resolve(
-        self, text: str, *, endpoint: str | None = None, source: str | None = None
+        self,
+        text: str,
+        *,
+        endpoint: str | None = None,
+        source: str | None = None,
+        user: str | None = None,
     ) -> ResolvedAdapter:
         """Resolve `text` (`name`, `name@3`, `name@tag`) to a checked, immutable version.
+
+        A tag split between versions (`adapterdock hub route`) picks one per request: the same `user`
+        always the same version, no user by weight. The split is read from the registry on every call, so a
+        change reaches the next request.
 
         Args:
             text: the reference a client sent.
             endpoint: GENERATE, CLASSIFY, NER or SCORE to check the task; None accepts any task.
             source: "local" never pulls; "hub" requires --hub; None pulls on a miss when --hub is set.
+            user: who the request is for (OpenAI's `user`), for sticky traffic splits.
 
         Raises:
             InvalidReferenceError: malformed reference or a path. AdapterNotFoundError: unknown here
@@ -150,6 +160,10 @@ class Resolver:
             if source != "local" and self._from_hub(ref):
                 recorded = self._recorded(ref)
                 concrete = self._pull(ref) if recorded is None else self._refresh(ref, recorded)
+            elif ref.tag not in (None, "latest"):
+                split = self.store.routes(ref.name).get(ref.tag)
+                if split is not None:
+                    concrete = AdapterRef(ref.name, version=split.pick(user, ref.name, ref.tag))
         stored = self.store.get(concrete, verify=False)
         resolved = ResolvedAdapter(key=str(concrete), path=stored.path, manifest=stored.manifest)
         self.check(resolved.manifest, endpoint)

@@ -1,8 +1,9 @@
 """OpenAI-compatible routes: `POST /v1/completions`, `POST /v1/chat/completions`, `GET /v1/models`.
 
 Boundary: OpenAI's wire format only. `model` names an adapter reference (`name`, `name@3`, `name@prod`) or the
-base's name for no adapter; leases come from `server.leases`, generations run through `server.streams`.
-Streams are server-sent events in OpenAI's chunk format ending with `data: [DONE]`.
+base's name for no adapter; answers carry the immutable `name@version` that served them in their `model`.
+Leases come from `server.leases`, generations run through `server.streams`. Streams are server-sent events in
+OpenAI's chunk format ending with `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
             prompt_texts.append(tokenizer.decode(ids) if body.echo else "")
         check_length(ids, state.config)
         prompt_ids.append(ids)
-    reply = _Reply(f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), body.model)
     lease, started = await _start(state, request, body, prompt_ids, max_tokens)
+    reply = _Reply(f"cmpl-{uuid.uuid4().hex}", "text_completion", int(time.time()), lease.label)
     echoes = [prompt_texts[i // body.n] if body.echo else "" for i in range(len(started))]
     prompt_tokens = sum(len(ids) for ids in prompt_ids)
     if body.stream:
@@ -132,8 +133,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             f"The base's chat template refused these messages: {exc}", "Check the message roles and order."
         ) from exc
     check_length(ids, state.config)
-    reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), body.model)
     lease, started = await _start(state, request, body, [ids], max_tokens)
+    reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", "chat.completion", int(time.time()), lease.label)
     if body.stream:
         reply.object = "chat.completion.chunk"
         chunks = _chat_chunks(state, reply, body, lease, started, len(ids))
@@ -164,8 +165,9 @@ async def _start(
     prompt_ids: list[list[int]],
     max_tokens: int,
 ) -> tuple[leases.Lease, list[streams.Stream]]:
-    """Lease the model's adapter and submit `n` generations per prompt; errors release the lease."""
-    lease = await leases.acquire_model(state, request, body.model)
+    """Lease the model's adapter (a split tag picks its version by `user`) and submit `n` generations per
+    prompt; errors release the lease."""
+    lease = await leases.acquire_model(state, request, body.model, user=body.user)
     try:
         requests = generation_requests(
             prompt_ids,

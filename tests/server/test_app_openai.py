@@ -35,7 +35,7 @@ def test_completion_uses_the_named_adapter(server: FakeServer):
     )
     assert response.status_code == 200
     body = response.json()
-    assert body["object"] == "text_completion" and body["model"] == "chat"
+    assert body["object"] == "text_completion" and body["model"] == "chat@2"  # the version that served it
     assert body["choices"] == [{"index": 0, "text": "olleh|2@", "logprobs": None, "finish_reason": "length"}]
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 8, "total_tokens": 13}
     assert server.scheduler.requests[-1].adapter.key == "chat@2"
