@@ -85,6 +85,15 @@ def _weight(text: str, piece: str, weight_text: str) -> float:
     return weight
 
 
+def names_in(key: str) -> list[str]:
+    """The adapter names a resident key holds: one for `name@version`, each part's for a set's key.
+
+    Lets a listing show a set only to a caller allowed to use every one of its parts.
+    """
+    pieces = key.split(PART_SEPARATOR) if is_adapter_set(key) else [key]
+    return [piece.partition(WEIGHT_SEPARATOR)[0].rpartition("@")[0] or piece for piece in pieces]
+
+
 def set_key(parts: list[tuple[str, float]]) -> str:
     """The canonical key of a set of resolved `name@version`s and weights: sorted, weights as `repr` floats.
 

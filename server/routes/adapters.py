@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from hub.adapter_set import is_adapter_set, names_in
 from hub.errors import AdapterNotFoundError
 from hub.manifest import Manifest
 from server import leases
@@ -33,13 +34,16 @@ async def list_adapters(request: Request, state: State) -> dict[str, Any]:
     caller = leases.principal(request)
     everything = await asyncio.to_thread(_registered_with_tags, state)
     registered = [(m, tags) for m, tags in everything if visible(caller, m.name)]
-    resident = {e.key: e for e in state.cache.entries() if visible(caller, e.key.rpartition("@")[0])}
+    resident = {
+        e.key: e for e in state.cache.entries() if all(visible(caller, name) for name in names_in(e.key))
+    }
     data = []
     for manifest, tags in registered:
         entry = resident.pop(manifest.ref, None)
         data.append(_describe(state, manifest, tags, entry))
-    for entry in resident.values():  # loaded, then deleted from the registry
-        data.append(_describe(state, getattr(entry.adapter, "manifest", None), [], entry, key=entry.key))
+    for entry in resident.values():  # weighted sets (no manifest of their own); loaded, then deleted
+        manifest = None if is_adapter_set(entry.key) else getattr(entry.adapter, "manifest", None)
+        data.append(_describe(state, manifest, [], entry, key=entry.key))
     return {
         "object": "list",
         "base": {"name": state.base_name, "fingerprint": state.base.fingerprint},

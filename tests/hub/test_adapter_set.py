@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hub.adapter_set import MAX_SET_PARTS, is_adapter_set, parse_adapter_set, set_key
+from hub.adapter_set import MAX_SET_PARTS, is_adapter_set, names_in, parse_adapter_set, set_key
 from hub.errors import InvalidReferenceError
 from hub.ref import AdapterRef
 
@@ -61,3 +61,8 @@ def test_canonical_key_is_order_free_and_exact() -> None:
     key = set_key([("tone@2", 0.5), ("facts@1", 0.1)])
     assert key == "facts@1*0.1+tone@2*0.5" == set_key([("facts@1", 0.1), ("tone@2", 0.5)])
     assert set_key([("tone@2", 0.5)]) != set_key([("tone@2", 0.50000001)])
+
+
+def test_names_in_a_resident_key() -> None:
+    assert names_in("tone@2") == ["tone"]
+    assert names_in("team/facts@1*0.1+tone@2*0.5") == ["team/facts", "tone"]

@@ -96,6 +96,10 @@ class FakeEngine:
             key, slot, manifest.task, list(manifest.labels), int(config.get("r", 1)) * 100, manifest
         )
 
+    def load_adapter_set(self, key: str, parts: list[tuple[str, Path, Manifest, float]]) -> FakeAdapter:
+        """A weighted set as one fake adapter (in a slot of its own, like the engine's)."""
+        return self.load_adapter(key, parts[0][1], parts[0][2])
+
     def unload_adapter(self, adapter: FakeAdapter) -> None:
         with self._lock:
             self.unloads.append(adapter.key)
