@@ -8,17 +8,20 @@ row like any other adapter (no extra work for the batch). This is PEFT's
 cross terms, so it is not used. A module that some parts do not adapt takes only the others' factors.
 
 Only plain LoRA parts combine: a DoRA part rescales its layer's whole output (not a delta that sums), a
-bottleneck is not low-rank, and a task head cannot be summed. Boundary: tensors in, tensors out; which
-parts a request names and resolving them is `server.leases`'.
+bottleneck is not low-rank, and a task head cannot be summed. Boundary: manifests (`check_combinable`,
+torch-free, used on the request path) and tensors (`combine_lora`, which imports torch when called, in the
+engine); which parts a request names and resolving them is `server.leases`'.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from hub.manifest import GENERATION_TASKS, Manifest
-from server.adapter_weights import AdapterWeights, LoraModule
 from server.errors import AdapterSetTooLargeError, NotCombinableError
+
+if TYPE_CHECKING:
+    from server.adapter_weights import AdapterWeights
 
 COMBINABLE_METHODS = ("lora", "qlora")
 """Manifest methods whose adapters combine (their deltas add up)."""
@@ -54,6 +57,10 @@ def combine_lora(key: str, parts: list[tuple[str, AdapterWeights, float]], max_r
         NotCombinableError: a part is a DoRA, bottleneck or task-head adapter.
         AdapterSetTooLargeError: some module's summed rank is above `max_rank`.
     """
+    import torch
+
+    from server.adapter_weights import AdapterWeights, LoraModule
+
     for name, weights, _ in parts:
         _check_combinable(key, name, weights)
     modules = sorted({module for _, weights, _ in parts for module in weights.lora})
