@@ -112,3 +112,31 @@ def test_nf4_engine_tracks_the_bf16_engine_with_an_adapter(cuda_engines, adapter
     finally:
         for engine, adapter in zip((full, nf4), loaded, strict=True):
             engine.unload_adapter(adapter)
+
+
+def test_dora_on_cuda_matches_peft_in_bf16_beside_lora_and_base_rows(
+    cuda_engines, adapters, tiny_base: BaseInfo
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine = cuda_engines["none"]
+    d, a = adapters["dora-a"], adapters["gen-a"]
+    dora, lora = (engine.load_adapter(x.key, x.path, x.manifest) for x in (d, a))
+    try:
+        base = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.bfloat16).cuda()
+        reference = PeftModel.from_pretrained(base, d.path).eval()
+        prompts = ids(engine, PROMPTS)
+        logits = engine.prefill([1, 2, 3, 4], [prompts[0], prompts[1], prompts[1], prompts[2]],
+                                [dora.slot, lora.slot, dora.slot, 0])  # fmt: skip
+        for seq_id in (1, 2, 3, 4):
+            engine.release(seq_id)
+        with torch.inference_mode():
+            want = [reference(input_ids=torch.tensor([p], device="cuda")).logits[0, -1] for p in prompts[:2]]
+        for got, expected in zip((logits[0], logits[2]), want, strict=True):
+            cosine, relative = agreement(got, expected)
+            print(f"per-row DoRA vs PEFT (bf16): cosine {cosine:.5f}, max rel err {relative:.4f}")
+            assert cosine > 0.999 and relative < 0.05
+    finally:
+        engine.unload_adapter(dora)
+        engine.unload_adapter(lora)
