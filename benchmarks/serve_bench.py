@@ -197,7 +197,7 @@ def run_one(
 
 # ---- commands -----------------------------------------------------------------------------------------
 def adapterdock_cmd(
-    args: argparse.Namespace, quantize: str, registry: Path, port: int, cache: int
+    args: argparse.Namespace, quantize: str, registry: Path, port: int, cache: int, dtype: str = "auto"
 ) -> list[str]:
     return [
         sys.executable,
@@ -207,6 +207,8 @@ def adapterdock_cmd(
         args.base,
         "--quantize",
         quantize,
+        "--dtype",
+        dtype,
         "--registry",
         str(registry),
         "--host",
@@ -294,6 +296,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--base", default="small", help="built-in base (smollm2-135m, tiny, small) or an HF folder"
     )
     parser.add_argument("--quantize", nargs="*", default=["none", "nf4"], choices=["none", "nf4", "int8"])
+    parser.add_argument(
+        "--dtype", nargs="+", default=["auto"], choices=["auto", "bf16", "fp32"],
+        help="our compute dtypes, each run with every --quantize (auto: bf16 on CPUs with avx512_bf16/AMX)",
+    )  # fmt: skip
     parser.add_argument("--scenarios", nargs="+", default=["base", "1", "8", "64"], choices=list(SCENARIOS))
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=16, help="requests per scenario at --concurrency")
@@ -430,9 +436,9 @@ class Bench:
             logger.error("%s failed: %s", server.name, err)
             self.results["servers"][server.name] = {"error": str(err)[-2000:]}
 
-    def adapterdock(self, quantize: str) -> ServerProcess:
-        name, port = f"adapterdock-{quantize}", free_port()
-        cmd = adapterdock_cmd(self.args, quantize, self.registry, port, self.args.cache_size)
+    def adapterdock(self, quantize: str, dtype: str = "auto") -> ServerProcess:
+        name, port = f"adapterdock-{quantize}" + ("" if dtype == "auto" else f"-{dtype}"), free_port()
+        cmd = adapterdock_cmd(self.args, quantize, self.registry, port, self.args.cache_size, dtype)
         return ServerProcess(name, cmd, port, self.logs / f"{name}.log")
 
     def peer(self, name: str, scenarios: list[str]) -> ServerProcess:
@@ -450,7 +456,7 @@ class Bench:
         """Cold loads, the cache cycle and the profile, on a fresh `--quantize none` server."""
         args, extras = self.args, self.results["extras"]
         port = free_port()
-        cmd = adapterdock_cmd(args, "none", self.registry, port, args.cache_size)
+        cmd = adapterdock_cmd(args, "none", self.registry, port, args.cache_size, args.dtype[0])
         server = ServerProcess("adapterdock-extras", cmd, port, self.logs / "adapterdock-extras.log")
         with running(server, args.startup_timeout):
             warm_up(server.url, [args.base], self.work)
@@ -519,7 +525,8 @@ def run_all(
     bench = prepare(args, workdir, results, budget)
     plan = {args.concurrency: args.requests, **({1: args.requests_c1} if args.requests_c1 else {})}
     for quantize in args.quantize:
-        bench.measure(bench.adapterdock(quantize), args.scenarios, plan)
+        for dtype in args.dtype:
+            bench.measure(bench.adapterdock(quantize, dtype), args.scenarios, plan)
     if args.naive_requests:
         naive = bench.peer("naive-peft", args.naive_scenarios)
         bench.measure(naive, args.naive_scenarios, {args.concurrency: args.naive_requests})

@@ -51,6 +51,7 @@ def build_engine(config: ServerConfig, base: BaseInfo) -> EngineLike:
         base.path,
         base_name=base.name_or_path,
         quantize=config.quantize,
+        dtype=config.dtype,
         max_adapters=config.max_adapters,
         max_rank=config.max_rank,
         max_batch_size=config.max_batch_size,

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from hub.errors import AdapterDockError
-from server.config import LOG_LEVELS, QUANTIZE_CHOICES, ServerConfig
+from server.config import DTYPE_CHOICES, LOG_LEVELS, QUANTIZE_CHOICES, ServerConfig
 from server.feedback.auth import read_rater_tokens
 from server.keys import read_keys_file
 
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("--base", "base")
     add("--quantize", "quantize", choices=QUANTIZE_CHOICES)
+    add("--dtype", "dtype", choices=DTYPE_CHOICES)
     add("--registry", "registry", type=Path)
     add("--hub", "hub", metavar="URL")
     add("--hub-refresh", "hub_refresh", type=float, metavar="SECONDS")

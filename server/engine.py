@@ -86,6 +86,7 @@ class Engine:
         *,
         base_name: str,
         quantize: str = "nf4",
+        dtype: str | None = None,
         max_adapters: int = 16,
         max_rank: int = 64,
         max_batch_size: int = 16,
@@ -98,6 +99,8 @@ class Engine:
             base_path: local HF folder of the base.
             base_name: the name clients use for "no adapter".
             quantize: nf4, int8 or none.
+            dtype: compute dtype, auto, bf16 or fp32 (`server.model_loader.compute_dtype`); None: the
+                serving default (`server.config.default_dtype`). The KV cache and adapter banks use it too.
             max_adapters: adapter slots (slot 0, "no adapter", comes on top).
             max_rank: largest LoRA rank (and bottleneck size) a slot holds.
             max_batch_size: rows of the KV cache (sequences decoding at once).
@@ -109,7 +112,7 @@ class Engine:
         self.base_path = Path(base_path)
         check_supported(AutoConfig.from_pretrained(str(base_path)))
         register_attention()
-        loaded = load_base(base_path, quantize, device)
+        loaded = load_base(base_path, quantize, device, dtype)
         self.model, self.device, self.dtype = loaded.model, loaded.device, loaded.dtype
         self.quantize = quantize
         self.memory_footprint = loaded.memory_footprint
@@ -134,11 +137,14 @@ class Engine:
         self._init_cache()
         self._warm_up()
         logger.info(
-            "engine ready: %d adapter slots (%.1f MiB of banks), %d rows x %d tokens of KV cache",
+            "engine ready: %s compute, %d adapter slots (%.1f MiB of banks), %d rows x %d tokens of KV "
+            "cache (%.1f MiB)",
+            str(self.dtype).removeprefix("torch."),
             max_adapters,
             self.banks.nbytes / 2**20,
             max_batch_size,
             self.max_seq_len,
+            (self.k_cache.nbytes + self.v_cache.nbytes) / 2**20,
         )
 
     def _warm_up(self) -> None:

@@ -17,6 +17,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Served outputs are compared with PEFT's exactly, so servers and engines compute in fp32 unless a test asks
+# for bf16 (`--dtype bf16`); `auto` would pick bf16 on CPUs with avx512_bf16 (this one has it).
+os.environ.setdefault("ADAPTERDOCK_DTYPE", "fp32")
 
 
 @pytest.fixture(scope="session", autouse=True)

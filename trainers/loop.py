@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from hub.errors import AdapterDockError
+from hub.machine import cpu_has_fast_bf16
 from trainers.configs import ConfigError, TrainConfig
 from trainers.methods import get_method
 
@@ -67,20 +67,6 @@ class TrainResult:
     num_processes: int = 1
     precision: str = "fp32"
     """`bf16` when the run computed under bf16 autocast, else `fp32`."""
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU computes bf16 matmuls natively (avx512_bf16 or AMX), read from /proc/cpuinfo.
-
-    torch reports bf16 "supported" on any AVX-512 CPU, where it is emulated and slower than fp32; only
-    these flags make bf16 autocast pay (measured on avx512_bf16: a 135M-parameter LoRA step 1.05-1.3 s
-    against 1.5 s in fp32). Elsewhere (no such flags, no /proc) the answer is no.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def resolve_precision(config: TrainConfig, cpu: bool) -> str:

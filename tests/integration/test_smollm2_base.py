@@ -77,20 +77,23 @@ def test_transformers_loads_it_as_its_own_gguf_loader_does(smollm2: BaseInfo) ->
     assert "Paris" in tokenizer.decode(answer[0, prompt["input_ids"].shape[1] :])
 
 
-def _peft_greedy(base: BaseInfo, adapter: Path, prompt: str, tokens: int) -> str:
+def _peft_greedy(
+    base: BaseInfo, adapter: Path, prompt: str, tokens: int, dtype: torch.dtype = torch.float32
+) -> str:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base.path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.path), adapter).eval()
+    model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
+    model = PeftModel.from_pretrained(model, adapter).eval()
     ids = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_a_lora_trained_on_it_serves(smollm2: BaseInfo, tmp_path: Path, quantize: str) -> None:
+@pytest.mark.parametrize(("quantize", "dtype"), [("none", "fp32"), ("nf4", "fp32"), ("none", "bf16")])
+def test_a_lora_trained_on_it_serves(smollm2: BaseInfo, tmp_path: Path, quantize: str, dtype: str) -> None:
     from trainers import instruction
     from trainers.sample_data import sample_path
 
@@ -104,16 +107,18 @@ def test_a_lora_trained_on_it_serves(smollm2: BaseInfo, tmp_path: Path, quantize
     assert manifest.trainer["compute_precision"] in ("bf16", "fp32")
 
     server = launch(registry, tmp_path / "server.log", "--base", "smollm2-135m", "--quantize", quantize,
-                    "--max-adapters", "2", "--max-rank", "8")  # fmt: skip
+                    "--dtype", dtype, "--max-adapters", "2", "--max-rank", "8")  # fmt: skip
     try:
         wait_ready(server, timeout=600)
         served = server.greedy("chat@1", prompt="The capital of France is", max_tokens=6)
         assert served.strip()
-        if quantize == "none":  # fp32 on both sides: token for token what PEFT generates
+        if quantize == "none":  # the same dtype on both sides: token for token what PEFT generates
             folder = registry.get("chat@1").path
-            assert served == _peft_greedy(smollm2, folder, "The capital of France is", 6)
+            torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+            assert served == _peft_greedy(smollm2, folder, "The capital of France is", 6, torch_dtype)
         log = server.log.read_text()
         assert "memory footprint" in log
+        assert f"engine ready: {'bfloat16' if dtype == 'bf16' else 'float32'} compute" in log
     finally:
         stop(server)
 

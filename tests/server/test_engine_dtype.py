@@ -1,0 +1,106 @@
+"""The serving compute dtype: what `--dtype auto|bf16|fp32` picks, and a bf16 engine against PEFT in bf16.
+
+fp32 is compared with PEFT exactly elsewhere (test_engine.py). In bf16 the engine and PEFT round at
+different points (the engine adds each row's LoRA delta from gathered factors, PEFT per module), so the
+stated tolerance is: logits within 3% of their spread, and the same greedy token wherever PEFT's top token
+leads its runner-up by more than that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from hub.machine import cpu_has_fast_bf16
+from server import model_loader
+from server.config import ServerConfig
+from server.errors import ServerConfigError
+from server.model_loader import ModelLoadError, compute_dtype
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "Hello there", "Adapters share one base."]
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+TOLERANCE = 0.03
+"""Largest |ours - PEFT's| logit in bf16, as a share of the logits' spread (measured: under 0.01)."""
+
+
+def test_cpu_flags_decide_native_bf16(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512vl\n")
+    assert cpu_has_fast_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512vl\n")  # AVX-512 alone emulates bf16
+    assert not cpu_has_fast_bf16(info)
+    info.write_text("flags : amx_bf16 amx_tile\n")
+    assert cpu_has_fast_bf16(info)
+    assert not cpu_has_fast_bf16(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_is_bf16_where_the_cpu_computes_it_natively(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(model_loader, "cpu_has_fast_bf16", lambda: native)
+    assert compute_dtype(CPU, "auto") == expected
+    assert compute_dtype(CUDA, "auto") == torch.bfloat16
+    assert compute_dtype(CPU, "fp32") == torch.float32
+    assert compute_dtype(CPU, "bf16") == torch.bfloat16
+
+
+def test_an_unknown_dtype_is_refused_with_the_choices() -> None:
+    with pytest.raises(ModelLoadError, match="auto, bf16, fp32"):
+        compute_dtype(CPU, "fp16")
+    with pytest.raises(ServerConfigError, match="dtype='half' is not one of auto, bf16, fp32"):
+        ServerConfig(dtype="half").validate()
+
+
+def test_the_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADAPTERDOCK_DTYPE", "bf16")
+    assert ServerConfig().dtype == "bf16"
+    monkeypatch.delenv("ADAPTERDOCK_DTYPE")
+    assert ServerConfig().dtype == "auto"
+
+
+@pytest.fixture(scope="module")
+def bf16_engine(tiny_base):
+    from server.engine import Engine
+
+    return Engine(tiny_base.path, base_name="tiny", quantize="none", dtype="bf16", max_adapters=2,
+                  max_rank=16, max_batch_size=4, max_seq_len=64)  # fmt: skip
+
+
+def _assert_close_in_bf16(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    spread = (reference.max() - reference.min()).item()
+    assert (ours - reference).abs().max().item() <= TOLERANCE * spread
+    top2 = reference.topk(2).values
+    if (top2[0] - top2[1]).item() > TOLERANCE * spread:
+        assert ours.argmax().item() == reference.argmax().item()
+
+
+def test_a_bf16_engine_keeps_cache_and_banks_in_bf16_and_matches_peft_in_bf16(
+    bf16_engine, adapters, tiny_base
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert bf16_engine.dtype == torch.bfloat16
+    assert bf16_engine.k_cache.dtype == bf16_engine.v_cache.dtype == torch.bfloat16
+    gen = adapters["gen-a"]
+    adapter = bf16_engine.load_adapter(gen.key, gen.path, gen.manifest)
+    try:
+        prompts = [bf16_engine.tokenizer(t)["input_ids"] for t in PROMPTS]
+        logits = bf16_engine.prefill([1, 2, 3], prompts, [adapter.slot, 0, adapter.slot])
+        for seq_id in (1, 2, 3):
+            bf16_engine.release(seq_id)
+    finally:
+        bf16_engine.unload_adapter(adapter)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.bfloat16).eval()
+    with torch.inference_mode():
+        plain = [base(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+        peft = PeftModel.from_pretrained(base, gen.path).eval()
+        tuned = [peft(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+    for row, reference in zip(logits, [tuned[0], plain[1], tuned[2]], strict=True):
+        _assert_close_in_bf16(row, reference)
+    for with_adapter, without in zip(tuned, plain, strict=True):  # the tolerance tells them apart
+        spread = (with_adapter.max() - with_adapter.min()).item()
+        assert (with_adapter - without).abs().max().item() > 3 * TOLERANCE * spread
