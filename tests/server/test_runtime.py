@@ -38,5 +38,7 @@ def test_the_real_classes_implement_the_protocols(engine):
 
 
 def test_the_protocols_list_what_the_http_layer_uses():  # so the checks above check something
-    assert set(_members(EngineLike)) == {"tokenizer", "memory_footprint", "load_adapter", "unload_adapter"}
+    assert set(_members(EngineLike)) == {
+        "tokenizer", "memory_footprint", "load_adapter", "load_adapter_set", "unload_adapter"
+    }  # fmt: skip
     assert set(_members(SchedulerLike)) == {"stats", "start", "stop", "generate", "classify", "ner", "score"}
