@@ -95,3 +95,11 @@ def test_over_quota_is_429_with_retry_after_and_metrics_name_the_key(server: Fak
     assert 'adapterdock_key_requests_total{key="others",status="200"} 5.0' in metrics
     assert 'adapterdock_key_tokens_total{key="thrifty"} 12.0' in metrics
     assert "other-key" not in metrics and "thrifty-key" not in metrics
+
+
+def test_streamed_tokens_are_charged_to_the_key(server: FakeServer) -> None:
+    body = {"model": "chat", "prompt": "x", "max_tokens": 2, "stream": True}
+    streamed = server.client.post("/v1/completions", json=body, headers=bearer("chat-key"))
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+    metrics = server.client.get("/metrics", headers=bearer("chat-key")).text
+    assert 'adapterdock_key_tokens_total{key="chatters"} 3.0' in metrics  # 1 prompt + 2 generated tokens
