@@ -21,15 +21,9 @@ from hub.ref import validate_name
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
-DEFAULT_TARGET_MODULES = (
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+ALL_LINEAR = "all-linear"
+"""`--target-modules all-linear`: every linear layer of the decoder blocks, by the model's own names
+(`trainers.modeling.block_linear_names`: Llama's q/k/v/o/gate/up/down, Phi-3's fused qkv/gate_up)."""
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "qdora": 2e-4, "bottleneck": 1e-3, "full": 5e-5}
 
 
@@ -73,7 +67,7 @@ class TrainConfig:
     )
     dropout: float = option(0.05, "Dropout on the adapter's input (lora, qlora, dora, qdora, bottleneck).")
     target_modules: list[str] = option(
-        ["all-linear"],
+        [ALL_LINEAR],
         "Modules to adapt: names like q_proj v_proj, or all-linear (every linear layer of the blocks).",
     )
     epochs: float = option(1.0, "Passes over the training data (ignored when --max-steps > 0).")
@@ -119,11 +113,13 @@ class TrainConfig:
         """--lr, or the method's default."""
         return self.lr if self.lr is not None else DEFAULT_LR.get(self.method, 2e-4)
 
+    def wants_all_linear(self) -> bool:
+        """Whether every block linear is adapted (`all-linear`, or no list): expanded against the model."""
+        return not self.target_modules or self.target_modules == [ALL_LINEAR]
+
     def resolved_target_modules(self) -> list[str]:
-        """Module names to adapt; `all-linear` expands to every linear layer of the blocks."""
-        if not self.target_modules or self.target_modules == ["all-linear"]:
-            return list(DEFAULT_TARGET_MODULES)
-        return list(self.target_modules)
+        """Module names to adapt as asked: `[all-linear]` (the model names them) or the given names."""
+        return [ALL_LINEAR] if self.wants_all_linear() else list(self.target_modules)
 
     # ---- validation --------------------------------------------------------------------------
     def problems(self) -> list[str]:

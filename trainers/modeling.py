@@ -10,6 +10,7 @@ the adapter's) is the same on every run with the same seed.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 from hub.bases import BaseInfo
-from trainers.configs import TrainConfig
+from trainers.configs import ConfigError, TrainConfig
 from trainers.loop import create_accelerator
 from trainers.methods import Method, get_method
 
@@ -48,6 +49,31 @@ PEFT_TASK_TYPES = {
     "ppo": "CAUSAL_LM",
 }
 HEAD_MODULES = ("score",)
+_BLOCK = re.compile(r"\.layers\.\d+\.")
+"""Where a decoder block's modules sit in every supported architecture (`model.layers.N.`)."""
+
+
+def block_linear_names(model: torch.nn.Module) -> list[str]:
+    """The last name part of every linear inside the decoder blocks, sorted: what `all-linear` means.
+
+    Read off the model, so each architecture gets its own names (Phi-3's fused `qkv_proj` and
+    `gate_up_proj`, Llama's seven projections) and heads (`score`, `lm_head`) are never included.
+    bitsandbytes' 4-bit and 8-bit linears subclass `nn.Linear`, so a quantized base answers the same.
+
+    Raises:
+        ConfigError: no linear inside `layers.N.` (an architecture laid out otherwise): name the modules.
+    """
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and _BLOCK.search(name)
+    }
+    if not names:
+        raise ConfigError(
+            f"--target-modules all-linear found no linear layer in the decoder blocks of "
+            f"{type(model).__name__}; name the modules to adapt, e.g. --target-modules q_proj v_proj."
+        )
+    return sorted(names)
 
 
 def seed_everything(seed: int) -> None:

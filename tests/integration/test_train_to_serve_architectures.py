@@ -1,13 +1,14 @@
 """A trainer run on every declared architecture serves as trained.
 
 For each tiny family of `tests/server/arch_bases.py`, the classification recipe trains a LoRA for a few
-steps (on every block linear, Phi-3's fused ones included), registers it, and the engine behind the
-scheduler answers what the trained model reloaded by plain PEFT answers.
+steps (`all-linear`: every block linear by the model's own names, Phi-3's fused ones included), registers
+it, and the engine behind the scheduler answers what the trained model reloaded by plain PEFT answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 import torch
@@ -34,11 +35,13 @@ def test_trained_lora_serves_as_trained_on_every_architecture(
     base = resolve_base(str(build_arch_base(family, tmp_path / family, tiny_base.path)))
     config = classification.Config(
         base=str(base.path), data=str(sample_path("classification")), name=f"tickets-{family}",
-        method="lora", target_modules=LORA_TARGETS[family], registry=str(registry.root), max_steps=3,
+        method="lora", target_modules=["all-linear"], registry=str(registry.root), max_steps=3,
         batch_size=8, max_length=32, progress=False, baseline=False, lr=3e-3,
     )  # fmt: skip
     manifest = classification.train(config)
     stored = registry.get(manifest.ref)
+    saved = json.loads((stored.path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == sorted(LORA_TARGETS[family])  # all-linear, by its own names
     expected = _reference_probs("lora", stored.path, base, manifest.labels)
 
     engine = Engine(base.path, base_name=family, quantize="none", max_adapters=2, max_seq_len=128)

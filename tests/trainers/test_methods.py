@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hub.errors import CorruptAdapterError
-from trainers.configs import DEFAULT_TARGET_MODULES, ConfigError, TrainConfig
+from trainers.configs import ALL_LINEAR, ConfigError, TrainConfig
 from trainers.methods import get_method
 from trainers.methods.bottleneck import (
     add_bottleneck_adapters,
@@ -18,8 +18,11 @@ from trainers.methods.bottleneck import (
     make_config,
     save_bottleneck,
 )
+from trainers.modeling import block_linear_names
 
 IDS = torch.tensor([[5, 17, 300, 42, 9, 1000]])
+
+LLAMA_BLOCK_LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_lora_init_is_seeded_and_heads_are_saved(tiny_base) -> None:
         model = AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=3)
         peft_model = get_method("lora").prepare(model, config(seed=seed), "classification")
         assert "score" in peft_model.peft_config["default"].modules_to_save
-        assert set(peft_model.peft_config["default"].target_modules) == set(DEFAULT_TARGET_MODULES)
+        assert set(peft_model.peft_config["default"].target_modules) == set(LLAMA_BLOCK_LINEARS)
         return peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
 
     assert torch.equal(lora_a(1), lora_a(1))
@@ -117,7 +120,7 @@ def test_qlora_settings_on_cpu() -> None:
 
 def test_config_resolution_and_errors() -> None:
     resolved = config(method="bottleneck").to_dict()
-    assert resolved["lr"] == 1e-3 and resolved["target_modules"] == list(DEFAULT_TARGET_MODULES)
+    assert resolved["lr"] == 1e-3 and resolved["target_modules"] == [ALL_LINEAR]
     assert config(target_modules=["q_proj"]).resolved_target_modules() == ["q_proj"]
     assert TrainConfig.from_dict({"data": "d", "name": "n", "max-steps": 5}).max_steps == 5
     with pytest.raises(ConfigError, match="unknown option"):
@@ -133,3 +136,16 @@ def test_method_owns_its_optimizer_on_cpu(name: str) -> None:
     optimizer = get_method(name).optimizer([torch.nn.Parameter(torch.zeros(2))], run, torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW
     assert optimizer.defaults["lr"] == run.learning_rate and optimizer.defaults["weight_decay"] == 0.01
+
+
+def test_all_linear_is_read_off_each_architecture(tiny_base) -> None:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    llama = AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=2)
+    assert block_linear_names(llama) == LLAMA_BLOCK_LINEARS  # the `score` head is not a block linear
+    phi3 = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                      pad_token_id=0))  # fmt: skip
+    assert block_linear_names(phi3) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    with pytest.raises(ConfigError, match="name the modules to adapt"):
+        block_linear_names(torch.nn.Sequential(torch.nn.Linear(2, 2)))

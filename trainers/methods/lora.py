@@ -15,21 +15,31 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from trainers.configs import TrainConfig
 from trainers.methods import Method
-from trainers.modeling import HEAD_MODULES, PEFT_TASK_TYPES, has_head, seed_everything
+from trainers.modeling import (
+    HEAD_MODULES,
+    PEFT_TASK_TYPES,
+    block_linear_names,
+    has_head,
+    seed_everything,
+)
 
 
-def lora_config(config: TrainConfig, task: str, *, use_dora: bool = False) -> LoraConfig:
+def lora_config(
+    config: TrainConfig, task: str, model: torch.nn.Module, *, use_dora: bool = False
+) -> LoraConfig:
     """PEFT's LoraConfig for this run (heads of labelled tasks are trained and saved in full).
 
     Args:
+        model: the base being wrapped; `all-linear` is expanded to its own block linears.
         use_dora: DoRA (`trainers.methods.dora`): the update split into magnitude and direction.
     """
+    targets = block_linear_names(model) if config.wants_all_linear() else config.resolved_target_modules()
     return LoraConfig(
         task_type=PEFT_TASK_TYPES[task],
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=config.resolved_target_modules(),
+        target_modules=targets,
         modules_to_save=list(HEAD_MODULES) if has_head(task) else None,
         use_dora=use_dora,
     )
@@ -48,7 +58,7 @@ class LoRA(Method):
         seed_everything(config.seed)
         base_name = config.base
         model.config.name_or_path = base_name
-        peft_model = get_peft_model(model, lora_config(config, task, use_dora=self.use_dora))
+        peft_model = get_peft_model(model, lora_config(config, task, model, use_dora=self.use_dora))
         peft_model.peft_config["default"].base_model_name_or_path = base_name
         return peft_model
 
