@@ -63,7 +63,7 @@ class LoadedAdapter:
     """The manifest's task."""
     labels: list[str]
     nbytes: int
-    """Bytes its weights occupy (for the cache's byte bound)."""
+    """Bytes it holds in the engine: its rank-sized pages and task head (for the memory budget)."""
     manifest: Manifest
     head: Head | None = field(default=None, repr=False)
     """Task head for classification / NER / reward adapters."""
@@ -203,7 +203,7 @@ class Engine:
                 raise EngineCapacityError(f"No free adapter slot for {key}.")
             slot = self._free_slots.pop()
         try:
-            self.banks.write(slot, weights)
+            charged = self.banks.write(slot, weights)
         except BaseException:
             with self._slot_lock:
                 self._free_slots.append(slot)
@@ -215,7 +215,7 @@ class Engine:
             slot=slot,
             task=manifest.task,
             labels=list(manifest.labels),
-            nbytes=weights.nbytes,
+            nbytes=charged + (head.nbytes if head is not None else 0),
             manifest=manifest,
             head=head,
         )

@@ -29,6 +29,12 @@ class Head:
     bias: torch.Tensor | None
     """[num_labels] or None."""
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors (charged to its adapter's memory)."""
+        tensors = [self.weight] + ([self.bias] if self.bias is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = hidden.to(self.weight.dtype) @ self.weight.t()
         return logits + self.bias if self.bias is not None else logits

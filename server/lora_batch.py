@@ -1,20 +1,21 @@
-"""Per-row adapter math: slot banks of LoRA factors and bottleneck weights, applied row by row.
+"""Per-row adapter math: LoRA factors and bottleneck weights in rank-sized pages, applied row by row.
 
-Each target linear of the base gets preallocated banks, A: [slots, in, r_max], B: [slots, r_max, out]
-and scale: [slots]; slot 0 is "no adapter" and stays zero. Loading an adapter is a copy into a free
-slot (rank padded to r_max with zeros, which changes nothing). A forward pass runs inside
-`AdapterBanks.forward(slots)`, which sets one `RowContext` (each row's slot id) for its duration and
+Each target linear of the base gets a `server.adapter_pages.LoraBank`: a pool of pages, one per rank of
+each adapter that adapts that linear (a row of A and the matching row of B, stored pre-scaled), and a page
+table per slot. An adapter of rank 8 takes 8 pages per linear it adapts and nothing elsewhere: memory
+follows what is loaded, not slots x r_max. Slot 0 is "no adapter" and holds no pages. A forward pass runs
+inside `AdapterBanks.forward(slots)`, which sets one `RowContext` (each row's slot id) for its duration and
 refuses, with `ConcurrentForwardError`, a second forward that would overlap it (the context is shared by
 every wrapped linear, so two at once would mix their rows' adapters); every wrapped linear then computes
 
     y = base(x) + scale[s] * (x @ A[s]) @ B[s]        for each row, with s = that row's slot,
 
-as two batched matmuls over gathered factors, sliced to the largest rank in the batch: no Python loop
-over adapters. A DoRA slot adds, once a batch holds one, a per-row rescaling `y * g[s] + shift[s]`
-(`server.dora`; g = 1 and shift = 0 for every other slot), whose banks a layer allocates on its first
-DoRA adapter. Bottleneck adapters (h + up(act(down(h))) after o_proj / down_proj) use the same slot
-ids and banks of their own, allocated on first use. Boundary: tensors and modules only; which adapter
-lives in which slot is the engine's business.
+as two batched matmuls over factors gathered by page id (once per batch composition), padded with the
+zero page to the largest rank in the batch: no Python loop over adapters. A DoRA adapter adds, once a
+batch holds one, a per-row rescaling `y * g[s] + shift[s]` (`server.dora`; g = 1 and shift = 0 for every
+other slot), one page per layer. Bottleneck adapters (h + up(act(down(h))) after o_proj / down_proj) use
+the same slot ids and pages of their own (one per unit), on banks created on first use. Boundary: tensors
+and modules only; which adapter lives in which slot is the engine's business.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from server.adapter_pages import BottleneckBank, LoraBank
 from server.adapter_weights import AdapterWeights, BaseLayout
 from server.dora import dora_rescale
 from server.errors import ConcurrentForwardError
@@ -62,156 +64,6 @@ class RowContext:
     """Whether any row's slot holds a DoRA adapter (else the rescaling is skipped altogether)."""
 
 
-class LoraBank(nn.Module):
-    """The LoRA slots of one target linear. B is stored pre-multiplied by its slot's scale."""
-
-    def __init__(self, slots: int, in_features: int, out_features: int, max_rank: int, dtype, device) -> None:
-        super().__init__()
-        kw = {"dtype": dtype, "device": device}
-        self.register_buffer("a", torch.zeros(slots, in_features, max_rank, **kw))
-        self.register_buffer("b", torch.zeros(slots, max_rank, out_features, **kw))
-        self.register_buffer("scale", torch.zeros(slots, **kw))
-        self.dora_g: torch.Tensor | None = None
-        """[slots, out] DoRA factor per slot (1 where no DoRA); None before a DoRA adapter targets it."""
-        self.dora_shift: torch.Tensor | None = None
-        """[slots, out] (1 - g) * bias per slot, for a layer with a bias; else None."""
-        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._gathered_dora: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, ctx: RowContext) -> torch.Tensor:
-        """y + scale[s] * (x @ A[s]) @ B[s] per row; x is [rows, tokens, in], y [rows, tokens, out]."""
-        r = ctx.rank
-        if ctx.uniform_slot is not None:  # one adapter for the whole batch: plain matmuls
-            s = ctx.uniform_slot
-            h = x.reshape(-1, x.shape[-1]) @ self.a[s, :, :r]
-            return torch.addmm(y.reshape(-1, y.shape[-1]), h, self.b[s, :r]).view(y.shape)
-        a, b = self._factors(ctx)
-        return torch.baddbmm(y, torch.bmm(x, a), b)
-
-    def _factors(self, ctx: RowContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's A and B, gathered once per batch composition (decode steps reuse them)."""
-        gathered = self._gathered  # a loader thread may swap in a fresh dict meanwhile
-        cached = gathered.get(ctx.key)
-        if cached is None:
-            r = ctx.rank
-            cached = (
-                self.a[:, :, :r].index_select(0, ctx.slots),
-                self.b[:, :r].index_select(0, ctx.slots),
-            )
-            if len(gathered) >= 2:  # keep the decode batch's and one other (prefill/encode)
-                gathered.clear()
-            gathered[ctx.key] = cached
-        return cached
-
-    def rescale(self, y: torch.Tensor, ctx: RowContext) -> torch.Tensor:
-        """DoRA's y * g[s] + shift[s] per row (identity for rows without DoRA); y is [rows, tokens, out]."""
-        if self.dora_g is None:
-            return y
-        if ctx.uniform_slot is not None:
-            g, shift = self.dora_g[ctx.uniform_slot], self._shift_of(ctx.uniform_slot)
-        else:
-            g, shift = self._dora_factors(ctx)
-        g = g.to(y.dtype)
-        return y * g if shift is None else torch.addcmul(shift.to(y.dtype), y, g)
-
-    def _shift_of(self, slot: int) -> torch.Tensor | None:
-        return None if self.dora_shift is None else self.dora_shift[slot]
-
-    def _dora_factors(self, ctx: RowContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gathered = self._gathered_dora
-        cached = gathered.get(ctx.key)
-        if cached is None:
-            g = self.dora_g.index_select(0, ctx.slots).unsqueeze(1)
-            shift = (
-                None if self.dora_shift is None else self.dora_shift.index_select(0, ctx.slots).unsqueeze(1)
-            )
-            cached = (g, shift)
-            if len(gathered) >= 2:
-                gathered.clear()
-            gathered[ctx.key] = cached
-        return cached
-
-    @torch.no_grad()
-    def write(
-        self,
-        slot: int,
-        a: torch.Tensor | None,
-        b: torch.Tensor | None,
-        scale: float,
-        dora: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-    ) -> None:
-        """Copy factors a [r, in], b [out, r] into `slot`, zero-padding the rank; None clears it.
-
-        Args:
-            dora: (g [out], shift [out] or None) of a DoRA adapter (`server.dora.dora_rescale`).
-        """
-        self.a[slot].zero_()
-        self.b[slot].zero_()
-        self.scale[slot] = 0.0
-        self._gathered, self._gathered_dora = {}, {}
-        if self.dora_g is not None:
-            self.dora_g[slot].fill_(1.0)
-        if self.dora_shift is not None:
-            self.dora_shift[slot].zero_()
-        if a is None or b is None:
-            return
-        r = a.shape[0]
-        self.a[slot, :, :r].copy_(a.t())
-        self.b[slot, :r].copy_(b.t() * scale)
-        self.scale[slot] = scale
-        if dora is not None:
-            self._write_dora(slot, *dora)
-
-    def _write_dora(self, slot: int, g: torch.Tensor, shift: torch.Tensor | None) -> None:
-        slots, out = self.b.shape[0], self.b.shape[2]
-        kw = {"dtype": self.b.dtype, "device": self.b.device}
-        if self.dora_g is None:
-            self.dora_g = torch.ones(slots, out, **kw)
-        if shift is not None and self.dora_shift is None:
-            self.dora_shift = torch.zeros(slots, out, **kw)
-        self.dora_g[slot].copy_(g)
-        if shift is not None:
-            self.dora_shift[slot].copy_(shift)
-
-
-class BottleneckBank(nn.Module):
-    """The bottleneck slots of one site (after one layer's o_proj or down_proj)."""
-
-    def __init__(self, slots: int, hidden: int, size: int, dtype, device) -> None:
-        super().__init__()
-        kw = {"dtype": dtype, "device": device}
-        self.register_buffer("down_w", torch.zeros(slots, hidden, size, **kw))
-        self.register_buffer("down_b", torch.zeros(slots, size, **kw))
-        self.register_buffer("up_w", torch.zeros(slots, size, hidden, **kw))
-        self.register_buffer("up_b", torch.zeros(slots, hidden, **kw))
-
-    def delta(self, h: torch.Tensor, ctx: RowContext) -> torch.Tensor:
-        """up(act(down(h))) per row; h is [rows, tokens, hidden]. Zero for rows without one."""
-        k = ctx.bottleneck_size
-        down_w = self.down_w[:, :, :k].index_select(0, ctx.slots)
-        down_b = self.down_b[:, :k].index_select(0, ctx.slots).unsqueeze(1)
-        z = torch.baddbmm(down_b, h, down_w)
-        act = torch.zeros_like(z)
-        for fn, mask in ctx.activations:  # at most one pass per activation kind, not per adapter
-            act = torch.where(mask, fn(z), act)
-        up_w = self.up_w[:, :k].index_select(0, ctx.slots)
-        up_b = self.up_b.index_select(0, ctx.slots).unsqueeze(1)
-        return torch.baddbmm(up_b, act, up_w)
-
-    @torch.no_grad()
-    def write(self, slot: int, site=None) -> None:
-        """Copy one `BottleneckSite` into `slot` (zero-padded); None clears the slot."""
-        for buf in (self.down_w, self.down_b, self.up_w, self.up_b):
-            buf[slot].zero_()
-        if site is None:
-            return
-        size = site.down_weight.shape[0]
-        self.down_w[slot, :, :size].copy_(site.down_weight.t())
-        self.down_b[slot, :size].copy_(site.down_bias)
-        self.up_w[slot, :size].copy_(site.up_weight.t())
-        self.up_b[slot].copy_(site.up_bias)
-
-
 class AdapterLinear(nn.Module):
     """A base linear (nn.Linear, bnb Linear4bit or Linear8bitLt) plus per-row LoRA and bottleneck."""
 
@@ -238,7 +90,7 @@ class AdapterLinear(nn.Module):
             return y
         shape = x.shape
         if ctx.rank:
-            x3 = x.reshape(shape[0], -1, shape[-1]).to(self.lora.a.dtype)
+            x3 = x.reshape(shape[0], -1, shape[-1]).to(self.lora.dtype)
             y3 = y.reshape(shape[0], -1, y.shape[-1])
             if y3.dtype == x3.dtype:
                 y = self.lora.add_delta(y3, x3, ctx).view(y.shape)
@@ -256,7 +108,7 @@ class AdapterLinear(nn.Module):
 
 
 class AdapterBanks:
-    """Every slot bank of one model, the slots' bookkeeping, and the current forward's context."""
+    """Every bank of one model, the slots' bookkeeping, and the current forward's context."""
 
     def __init__(
         self,
@@ -271,8 +123,8 @@ class AdapterBanks:
         """Wrap every target linear of `model` (a supported *ForCausalLM) in place.
 
         Args:
-            num_slots: slots including slot 0 (no adapter).
-            max_rank: largest LoRA rank and bottleneck size a slot holds.
+            num_slots: slots including slot 0 (no adapter); a slot costs one page-table row, not weights.
+            max_rank: largest LoRA rank and bottleneck size a slot may hold.
         """
         self.layout = layout
         self.num_slots, self.max_rank = num_slots, max_rank
@@ -281,6 +133,7 @@ class AdapterBanks:
         """The running forward's rows; set only by `forward`."""
         self._forward_lock = threading.Lock()
         self._forward_thread: str | None = None
+        self._write_lock = threading.Lock()
         self.lora: dict[str, LoraBank] = {}
         self.linears: dict[str, AdapterLinear] = {}
         """Module path -> its wrapped linear (DoRA's scale reads the base weight)."""
@@ -310,14 +163,29 @@ class AdapterBanks:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by every bank (preallocated, whatever is loaded)."""
-        banks = [*self.lora.values(), *self.bottleneck.values()]
-        return sum(b.numel() * b.element_size() for bank in banks for b in bank.buffers())
+        """Bytes the banks' page pools hold (sized by the adapters loaded so far, never by slots x r_max)."""
+        return sum(bank.nbytes for bank in self._all_banks())
 
-    def write(self, slot: int, weights: AdapterWeights) -> None:
-        """Copy an adapter's weights into `slot` (every bank of that slot is overwritten)."""
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of pages held by resident adapters (the rest of `nbytes` is free pages and page 0)."""
+        return sum(bank.used_bytes for bank in self._all_banks())
+
+    def _all_banks(self) -> list[LoraBank | BottleneckBank]:
+        return [*self.lora.values(), *self.bottleneck.values()]
+
+    def write(self, slot: int, weights: AdapterWeights) -> int:
+        """Store an adapter's weights for `slot` (replacing what it held); -> bytes of pages it takes.
+
+        Serialised by a lock (loads run on several threads; pools grow and page ids are handed out).
+        """
+        with self._write_lock:
+            return self._write(slot, weights)
+
+    def _write(self, slot: int, weights: AdapterWeights) -> int:
         if weights.method == "bottleneck":
             self._ensure_bottleneck_banks()
+        charged = 0
         for path, bank in self.lora.items():
             module = weights.lora.get(path)
             if module is None:
@@ -327,18 +195,19 @@ class AdapterBanks:
             if module.magnitude is not None:
                 base = self.linears[path].base
                 dora = dora_rescale(base, module.a, module.b, module.scale, module.magnitude)
-            bank.write(slot, module.a, module.b, module.scale, dora)
+            charged += bank.write(slot, module.a, module.b, module.scale, dora)
         for key, bank in self.bottleneck.items():
             layer, where = key.split(".")
-            bank.write(slot, weights.bottleneck.get((int(layer), where)))
+            charged += bank.write(slot, weights.bottleneck.get((int(layer), where)))
         self.slot_rank[slot] = weights.rank
         self.slot_dora[slot] = any(m.magnitude is not None for m in weights.lora.values())
         self.version += 1
         self.slot_bottleneck[slot] = weights.bottleneck_size
         self.slot_activation[slot] = _ACTIVATION_IDS.get(weights.activation, 0)
+        return charged
 
     def clear(self, slot: int) -> None:
-        """Zero `slot` so that it adds nothing."""
+        """Free `slot`'s pages (its page-table rows point at page 0 again) so that it adds nothing."""
         self.write(slot, AdapterWeights(method="lora"))
 
     def _ensure_bottleneck_banks(self) -> None:

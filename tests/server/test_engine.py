@@ -110,6 +110,32 @@ def test_per_row_lora_matches_peft(engine, adapters, loaded, tiny_base, name):
         engine.release(seq_id)
 
 
+def test_mixed_ranks_in_one_batch_match_peft_and_take_pages_by_rank(engine, adapters, loaded, tiny_base):
+    """Ranks 8, 4 (on q/v only) and 16 in one prefill: each row equals PEFT alone; each adapter holds
+    pages for its own rank and target modules only, and gives them back when unloaded."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    before = engine.banks.used_bytes
+    names = ["gen-a", "gen-b", "gen-c"]
+    held = {n: loaded(n) for n in names}
+    assert engine.banks.used_bytes - before == sum(a.nbytes for a in held.values())
+    assert held["gen-b"].nbytes < held["gen-a"].nbytes < held["gen-c"].nbytes
+    prompt = _ids(engine, PROMPTS[:1])[0]
+    logits = engine.prefill([1, 2, 3, 4], [prompt] * 4, [held[n].slot for n in names] + [0])
+    for seq_id in (1, 2, 3, 4):
+        engine.release(seq_id)
+    for row, name in zip(logits, names, strict=False):
+        peft_model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_base.path), adapters[name].path
+        ).eval()
+        with torch.inference_mode():
+            ref = peft_model(input_ids=torch.tensor([prompt])).logits[0, -1]
+        torch.testing.assert_close(row, ref, rtol=1e-4, atol=1e-4)
+    engine.unload_adapter(held["gen-c"])
+    assert engine.banks.used_bytes - before == held["gen-a"].nbytes + held["gen-b"].nbytes
+
+
 def _peft_greedy(peft_model, prompt, steps):
     """Greedy tokens and each step's last-token logits of PEFT on one prompt (no cache: the reference)."""
     seq, tokens, logits = list(prompt), [], []

@@ -1,0 +1,273 @@
+"""Adapter weights in pages sized by each adapter's real rank: the storage under `server.lora_batch`.
+
+A `PagePool` holds rows ("pages") of one or more tensors that share page ids; one page is one rank of one
+adapter on one layer (a row of its A and the matching row of its scaled B), so an adapter of rank r on a
+layer takes r pages there and nothing on layers it does not adapt. Page 0 is the padding page (zeros, or
+the fill value), so a row whose adapter has a smaller rank than the batch's largest, or no adapter at all,
+gathers page 0 and adds nothing. A pool grows on demand (never shrinks: freed pages are reused, and since
+every page has the same size there is no fragmentation) and each bank keeps a page table
+`[slots, max_rank]` of page ids per slot. The hot path gathers one batch's factors with one `index_select`
+per tensor, exactly as the former `[slots, in, r_max]` banks did, sliced to the batch's largest rank.
+
+Growth swaps in a larger tensor after copying the old pages, so a forward that still holds the old tensor
+reads the same values for its rows; pages being written belong to no running row. Writers hold the owning
+`AdapterBanks`' write lock. Boundary: tensors and page ids; which adapter is in which slot is the engine's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+GROWTH = 1.5
+"""A full pool grows to at least this factor of its capacity (amortises the copies of a growing pool)."""
+
+
+class PagePool:
+    """Pages shared by one or more named tensors of their own width; page 0 stays the padding page."""
+
+    def __init__(
+        self, widths: dict[str, int], dtype: torch.dtype, device, fills: dict[str, float] | None = None
+    ):
+        self.fills = {name: (fills or {}).get(name, 0.0) for name in widths}
+        self.tensors = {
+            name: torch.full((1, width), self.fills[name], dtype=dtype, device=device)
+            for name, width in widths.items()
+        }
+        self._free: list[int] = []
+        self.used = 0
+        """Pages in use (page 0 not counted)."""
+
+    @property
+    def capacity(self) -> int:
+        """Allocated pages, page 0 not counted."""
+        return next(iter(self.tensors.values())).shape[0] - 1
+
+    @property
+    def page_bytes(self) -> int:
+        return sum(t.shape[1] * t.element_size() for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated, page 0 included."""
+        return (self.capacity + 1) * self.page_bytes
+
+    def allocate(self, n: int) -> list[int]:
+        """Take `n` pages (growing the pool when too few are free); -> their ids."""
+        if len(self._free) < n:
+            self._grow(max(n - len(self._free), int(self.capacity * (GROWTH - 1)), 4))
+        pages, self._free = self._free[:n], self._free[n:]
+        self.used += n
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        """Return pages, reset to the fill value so that a stale page id can never add anything."""
+        if not pages:
+            return
+        index = torch.tensor(pages, dtype=torch.long, device=next(iter(self.tensors.values())).device)
+        for name, tensor in self.tensors.items():
+            tensor.index_fill_(0, index, self.fills[name])
+        self._free = sorted(self._free + pages)
+        self.used -= len(pages)
+
+    def write(self, pages: list[int], **rows: torch.Tensor) -> None:
+        """Copy `rows[name]` ([len(pages), width]) into the pages of each named tensor."""
+        first = pages[0]
+        contiguous = pages == list(range(first, first + len(pages)))
+        for name, values in rows.items():
+            tensor = self.tensors[name]
+            values = values.to(tensor.device, tensor.dtype).reshape(len(pages), -1)
+            if contiguous:
+                tensor[first : first + len(pages)].copy_(values)
+            else:
+                tensor[torch.tensor(pages, dtype=torch.long)] = values
+
+    def _grow(self, extra: int) -> None:
+        start = self.capacity + 1
+        for name, old in list(self.tensors.items()):
+            new = torch.full(
+                (start + extra, old.shape[1]), self.fills[name], dtype=old.dtype, device=old.device
+            )
+            new[:start].copy_(old)
+            self.tensors[name] = new  # a running forward keeps reading `old`: same values for its rows
+        self._free += list(range(start, start + extra))
+
+
+class PagedFactors:
+    """Per-slot page tables over a pool: which pages (one per rank) each slot's adapter holds."""
+
+    def __init__(self, pool: PagePool, slots: int, max_rank: int) -> None:
+        self.pool = pool
+        device = next(iter(pool.tensors.values())).device
+        self.table = torch.zeros(slots, max_rank, dtype=torch.int32, device=device)
+        self.pages: dict[int, list[int]] = {}
+
+    def put(self, slot: int, **rows: torch.Tensor) -> int:
+        """Store `rows` (each [rank, width]) for `slot`, replacing what it held; -> bytes now charged."""
+        self.drop(slot)
+        rank = next(iter(rows.values())).shape[0]
+        pages = self.pool.allocate(rank)
+        self.pool.write(pages, **rows)
+        self.table[slot, :rank] = torch.tensor(pages, dtype=torch.int32)
+        self.pages[slot] = pages
+        return rank * self.pool.page_bytes
+
+    def drop(self, slot: int) -> None:
+        pages = self.pages.pop(slot, None)
+        if pages:
+            self.table[slot].zero_()
+            self.pool.release(pages)
+
+    def index(self, slots: torch.Tensor, rank: int) -> torch.Tensor:
+        """[rows * rank] page ids of `slots`, each padded to `rank` with page 0."""
+        return self.table.index_select(0, slots)[:, :rank].reshape(-1)
+
+
+class LoraBank(nn.Module):
+    """The LoRA (and DoRA) pages of one target linear. B is stored pre-multiplied by its adapter's scale."""
+
+    def __init__(self, slots: int, in_features: int, out_features: int, max_rank: int, dtype, device) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.factors = PagedFactors(
+            PagePool({"a": in_features, "b": out_features}, dtype, device), slots, max_rank
+        )
+        self.dora: PagedFactors | None = None
+        """g (1 where no DoRA) and (1 - g) * bias per slot, one page each; None before a DoRA adapter."""
+        self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gathered_dora: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return self.factors.pool.nbytes + (self.dora.pool.nbytes if self.dora else 0)
+
+    @property
+    def used_bytes(self) -> int:
+        pools = [self.factors.pool] + ([self.dora.pool] if self.dora else [])
+        return sum(p.used * p.page_bytes for p in pools)
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
+        """y + scale[s] * (x @ A[s]) @ B[s] per row; x is [rows, tokens, in], y [rows, tokens, out]."""
+        a, b = self._factors(ctx)
+        if ctx.uniform_slot is not None:  # one adapter for the whole batch: plain matmuls
+            h = x.reshape(-1, x.shape[-1]) @ a.t()
+            return torch.addmm(y.reshape(-1, y.shape[-1]), h, b).view(y.shape)
+        return torch.baddbmm(y, torch.bmm(x, a), b)
+
+    def _factors(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' A and B, gathered once per batch composition (decode steps reuse them)."""
+        gathered = self._gathered  # a writer may swap in a fresh dict meanwhile
+        key = (ctx.key, ctx.uniform_slot is not None)  # the two paths gather different shapes
+        cached = gathered.get(key)
+        if cached is None:
+            r, pool = ctx.rank, self.factors.pool.tensors
+            if ctx.uniform_slot is not None:  # [r, in], [r, out]
+                index = self.factors.table[ctx.uniform_slot, :r]
+                cached = (pool["a"].index_select(0, index), pool["b"].index_select(0, index))
+            else:  # [rows, in, r] as a transposed view (copying costs more than bmm's strided read)
+                index, rows = self.factors.index(ctx.slots, r), ctx.slots.shape[0]
+                a = pool["a"].index_select(0, index).view(rows, r, -1).transpose(1, 2)
+                cached = (a, pool["b"].index_select(0, index).view(rows, r, -1))
+            if len(gathered) >= 2:  # keep the decode batch's and one other (prefill/encode)
+                gathered.clear()
+            gathered[key] = cached
+        return cached
+
+    def rescale(self, y: torch.Tensor, ctx) -> torch.Tensor:
+        """DoRA's y * g[s] + shift[s] per row (identity for rows without DoRA); y is [rows, tokens, out]."""
+        if self.dora is None:
+            return y
+        gathered = self._gathered_dora
+        cached = gathered.get(ctx.key)
+        if cached is None:
+            index = self.dora.index(ctx.slots, 1)
+            pool = self.dora.pool.tensors
+            shift = pool.get("shift")
+            cached = (
+                pool["g"].index_select(0, index).unsqueeze(1),
+                None if shift is None else shift.index_select(0, index).unsqueeze(1),
+            )
+            if len(gathered) >= 2:
+                gathered.clear()
+            gathered[ctx.key] = cached
+        g, shift = cached
+        g = g.to(y.dtype)
+        return y * g if shift is None else torch.addcmul(shift.to(y.dtype), y, g)
+
+    @torch.no_grad()
+    def write(
+        self,
+        slot: int,
+        a: torch.Tensor | None,
+        b: torch.Tensor | None,
+        scale: float,
+        dora: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> int:
+        """Store factors a [r, in], b [out, r] for `slot` in r pages; None clears it. -> bytes charged.
+
+        Args:
+            dora: (g [out], shift [out] or None) of a DoRA adapter (`server.dora.dora_rescale`).
+        """
+        self._gathered, self._gathered_dora = {}, {}
+        self.factors.drop(slot)
+        if self.dora is not None:
+            self.dora.drop(slot)
+        if a is None or b is None:
+            return 0
+        charged = self.factors.put(slot, a=a, b=b.t() * scale)
+        if dora is not None:
+            g, shift = dora
+            if self.dora is None:
+                widths = {"g": self.out_features} | ({} if shift is None else {"shift": self.out_features})
+                pool = PagePool(widths, self.dtype, g.device, fills={"g": 1.0})
+                self.dora = PagedFactors(pool, self.factors.table.shape[0], 1)
+            rows = {"g": g.view(1, -1)} | ({} if shift is None else {"shift": shift.view(1, -1)})
+            charged += self.dora.put(slot, **rows)
+        return charged
+
+
+class BottleneckBank(nn.Module):
+    """The bottleneck pages of one site (after one layer's o_proj or down_proj): one page per unit."""
+
+    def __init__(self, slots: int, hidden: int, max_size: int, dtype, device) -> None:
+        super().__init__()
+        units = PagePool({"down": hidden, "down_b": 1, "up": hidden}, dtype, device)
+        self.units = PagedFactors(units, slots, max_size)
+        self.up_bias = PagedFactors(PagePool({"up_b": hidden}, dtype, device), slots, 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.units.pool.nbytes + self.up_bias.pool.nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(f.pool.used * f.pool.page_bytes for f in (self.units, self.up_bias))
+
+    def delta(self, h: torch.Tensor, ctx) -> torch.Tensor:
+        """up(act(down(h))) per row; h is [rows, tokens, hidden]. Zero for rows without one."""
+        k, rows = ctx.bottleneck_size, ctx.slots.shape[0]
+        index, pool = self.units.index(ctx.slots, k), self.units.pool.tensors
+        down_w = pool["down"].index_select(0, index).view(rows, k, -1).transpose(1, 2)
+        down_b = pool["down_b"].index_select(0, index).view(rows, 1, k)
+        z = torch.baddbmm(down_b, h, down_w)
+        act = torch.zeros_like(z)
+        for fn, mask in ctx.activations:  # at most one pass per activation kind, not per adapter
+            act = torch.where(mask, fn(z), act)
+        up_w = pool["up"].index_select(0, index).view(rows, k, -1)
+        up_b = (
+            self.up_bias.pool.tensors["up_b"].index_select(0, self.up_bias.index(ctx.slots, 1)).unsqueeze(1)
+        )
+        return torch.baddbmm(up_b, act, up_w)
+
+    @torch.no_grad()
+    def write(self, slot: int, site=None) -> int:
+        """Store one `BottleneckSite` for `slot`; None clears the slot. -> bytes charged."""
+        self.units.drop(slot)
+        self.up_bias.drop(slot)
+        if site is None:
+            return 0
+        charged = self.units.put(
+            slot, down=site.down_weight, down_b=site.down_bias.view(-1, 1), up=site.up_weight.t()
+        )
+        return charged + self.up_bias.put(slot, up_b=site.up_bias.view(1, -1))
