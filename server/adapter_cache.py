@@ -257,6 +257,7 @@ class AdapterCache:
             started = time.perf_counter()
             adapter = await asyncio.to_thread(load)
             seconds = time.perf_counter() - started
+            await self._check_fits(key, adapter)
         except BaseException as exc:
             self._stats["load_failures"] += 1
             logger.info("refused adapter %s: %s", key, exc)
@@ -275,6 +276,7 @@ class AdapterCache:
             leases=record.waiters,
         )
         self._entries[key] = entry
+        await self._trim(key)
         self._stats["loads"] += 1
         self._stats["load_seconds_total"] += seconds
         logger.info("loaded adapter %s (%d bytes) in %.3fs", key, entry.nbytes, seconds)
@@ -284,7 +286,8 @@ class AdapterCache:
         """Claim a slot (and bytes) for a load, evicting idle entries; wait FIFO when none can go."""
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise AdapterTooLargeError(
-                f"Adapter {key} needs {nbytes} bytes; the adapter memory budget is {self.max_bytes}."
+                f"Adapter {key} needs {nbytes / 2**20:.1f} MiB; the adapters' share of the memory budget "
+                f"is {self.max_bytes / 2**20:.1f} MiB, so it can never be loaded."
             )
         if not self._waiters:
             victims = self._try_reserve(nbytes)
@@ -303,8 +306,9 @@ class AdapterCache:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise AdapterBusyError(
-                        f"No adapter slot for {key} freed up within {self.wait_timeout:g}s: all "
-                        f"{self.max_adapters} slots are pinned or serving requests."
+                        f"No room for {key} freed up within {self.wait_timeout:g}s: the "
+                        f"{self.max_adapters} adapter slots{self._bytes_held()} are held by adapters "
+                        "pinned or serving requests."
                     )
                 waiter.event.clear()
                 try:
@@ -335,6 +339,39 @@ class AdapterCache:
         self._reserved_slots += 1
         self._reserved_bytes += nbytes
         return victims
+
+    async def _check_fits(self, key: str, adapter: Any) -> None:
+        """Refuse (and unload) an adapter whose real size, known once loaded, exceeds the whole bound."""
+        nbytes = int(getattr(adapter, "nbytes", 0) or 0)
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            await asyncio.to_thread(self._unload, adapter)
+            raise AdapterTooLargeError(
+                f"Adapter {key} takes {nbytes / 2**20:.1f} MiB loaded; the adapters' share of the memory "
+                f"budget is {self.max_bytes / 2**20:.1f} MiB, so it can never stay resident."
+            )
+
+    def _bytes_held(self) -> str:
+        if self.max_bytes is None:
+            return ""
+        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+        return f" or the adapter memory ({used / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB)"
+
+    async def _trim(self, loaded: str) -> None:
+        """Evict idle LRU entries while the resident bytes exceed the bound: a load's real size (known
+        once loaded) may exceed the hint it reserved room with."""
+        if self.max_bytes is None:
+            return
+        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+        idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned and e.key != loaded]
+        while used > self.max_bytes and idle:
+            victim = idle.pop(0)
+            del self._entries[victim.key]
+            used -= victim.nbytes
+            await asyncio.to_thread(self._unload, victim.adapter)
+            self._stats["evictions"] += 1
+            logger.info(
+                "evicted adapter %s (least recently used) to stay within the memory budget", victim.key
+            )
 
     async def _drop_stale(self, entry: CacheEntry) -> None:
         if entry.leases:

@@ -56,6 +56,7 @@ def build_engine(config: ServerConfig, base: BaseInfo) -> EngineLike:
         max_rank=config.max_rank,
         max_batch_size=config.max_batch_size,
         max_seq_len=config.max_input_tokens + config.max_new_tokens,
+        memory_budget_mb=config.memory_budget_mb,
     )
 
 
@@ -111,6 +112,14 @@ def create_app(
     return app
 
 
+def _adapter_bytes(config: ServerConfig, engine: object) -> int | None:
+    """The adapter cache's byte bound: the engine's share of the memory budget, or --max-adapter-memory
+    when that is lower."""
+    limits = [config.max_adapter_bytes, getattr(getattr(engine, "memory", None), "adapter_bytes", None)]
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
+
+
 async def _start(
     state: ServerState,
     base: BaseInfo | None,
@@ -146,7 +155,7 @@ async def _start(
     state.cache = AdapterCache(
         state.engine.unload_adapter,
         max_adapters=config.max_adapters,
-        max_bytes=config.max_adapter_bytes,
+        max_bytes=_adapter_bytes(config, state.engine),
         wait_timeout=config.adapter_wait_timeout,
     )
     state.metrics.bind(cache=state.cache, scheduler=state.scheduler, engine=state.engine)

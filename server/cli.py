@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-adapters", "max_adapters", type=int, metavar="N")
     add("--max-adapter-memory", "max_adapter_memory_mb", type=float, metavar="MB")
     add("--max-rank", "max_rank", type=int, metavar="R")
+    add("--memory-budget", "memory_budget_mb", type=float, metavar="MIB")
     add("--preload", "preload", nargs="+", action="extend", metavar="REF", default=[])
     keys = parser.add_mutually_exclusive_group()
     keys.add_argument("--api-key", dest="api_key", default=None, help=docs["api_key"])

@@ -59,6 +59,10 @@ class ServerConfig:
     """Cap on resident adapter weights in MiB; None caps by count only."""
     max_rank: int = 64
     """Highest LoRA rank the engine accepts."""
+    memory_budget_mb: float | None = None
+    """MiB for adapter weights and the KV cache together (the KV cache takes at most half; adapters are
+    evicted LRU by their real size to stay within the rest); None: half the memory free after the base
+    loads."""
     preload: tuple[str, ...] = ()
     """Adapter references loaded (and pinned) at start; a failure stops the start."""
     api_key: str | None = field(default=None, repr=False)
@@ -150,6 +154,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
+            problems.append(f"memory_budget_mb={self.memory_budget_mb} must be positive")
         if self.max_adapter_memory_mb is not None and self.max_adapter_memory_mb <= 0:
             problems.append(f"max_adapter_memory_mb={self.max_adapter_memory_mb} must be positive")
         if not self.hub_timeout > 0:

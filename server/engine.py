@@ -4,7 +4,8 @@ The forward is the base model's own (`model.base_model(...)`): embeddings, norms
 fused qkv), MLP and lm_head are transformers' modules for that architecture, so bnb-quantized linears
 and each family's details (biases, q/k norms, scaled embeddings, sliding windows, soft-capping) just
 work; `lora_batch` adds each row's adapter inside the wrapped linears, and `server.attention` plugs our
-cache into every attention call. The KV cache is preallocated per layer for `max_batch_size` rows; each
+cache into every attention call. The KV cache (`server.kv_cache`) grows as sequences need it, up to the
+rows the memory budget holds (`server.memory_budget`, shared with the adapters' rank-sized pages); each
 row has its own length and positions, so sequences at different points of their generation decode in
 one step. Active rows are kept packed at the front of the cache (a finished row is replaced by the last
 one), so a decode step reads plain views, never a gather of the cache. Only the architectures of
@@ -40,7 +41,9 @@ from server.attention import (
 )
 from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
+from server.kv_cache import KVCache
 from server.lora_batch import AdapterBanks
+from server.memory_budget import format_report, plan_memory, process_rss
 from server.model_loader import load_base
 
 logger = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class Engine:
         max_rank: int = 64,
         max_batch_size: int = 16,
         max_seq_len: int = 1024,
+        memory_budget_mb: float | None = None,
         device: torch.device | None = None,
     ) -> None:
         """Load the base, wrap its linears with adapter banks, and allocate the KV cache.
@@ -105,6 +109,12 @@ class Engine:
             max_rank: largest LoRA rank (and bottleneck size) a slot holds.
             max_batch_size: rows of the KV cache (sequences decoding at once).
             max_seq_len: prompt + generated tokens per sequence.
+            memory_budget_mb: MiB for adapter pages + KV cache (`server.memory_budget`); None derives it
+                from the memory free after the base loads. The KV cache may then hold fewer rows than
+                `max_batch_size` (logged), and `memory.adapter_bytes` bounds the adapter cache.
+
+        Raises:
+            ServerConfigError: the budget cannot hold the KV cache of one full-length sequence.
         """
         from transformers import AutoConfig, AutoTokenizer
 
@@ -134,18 +144,22 @@ class Engine:
         self._free_slots = list(range(max_adapters, 0, -1))
         self._slot_lock = threading.Lock()
         self._heads: dict[int, Head] = {}
-        self._init_cache()
+        self._init_cache(memory_budget_mb)
         self._warm_up()
         logger.info(
-            "engine ready: %s compute, %d adapter slots (%.1f MiB of banks), %d rows x %d tokens of KV "
-            "cache (%.1f MiB)",
+            "engine ready: %s compute, %d adapter slots, KV cache up to %d rows x %d tokens (%.1f MiB); "
+            "memory budget %.0f MiB%s: %.0f MiB for adapters, %.0f MiB for the KV cache",
             str(self.dtype).removeprefix("torch."),
             max_adapters,
-            self.banks.nbytes / 2**20,
-            max_batch_size,
+            self.max_batch_size,
             self.max_seq_len,
-            (self.k_cache.nbytes + self.v_cache.nbytes) / 2**20,
+            self.kv.max_nbytes / 2**20,
+            self.memory.budget / 2**20,
+            " (derived: half the free memory)" if self.memory.derived else "",
+            self.memory.adapter_bytes / 2**20,
+            self.memory.kv_max_bytes / 2**20,
         )
+        logger.info("engine memory: %s", format_report(self.memory_report()))
 
     def _warm_up(self) -> None:
         """One prefill and one decode step before the first request, so that request does not pay
@@ -239,21 +253,64 @@ class Engine:
         return len(self._free_slots)
 
     # ---- KV cache bookkeeping --------------------------------------------------------------------
-    def _init_cache(self) -> None:
+    def _init_cache(self, memory_budget_mb: float | None) -> None:
+        """Split the memory budget and create the (empty, grown by use) KV cache."""
         cfg = self.config
         head_dim = self.model.base_model.layers[0].self_attn.head_dim  # the model's own, not re-derived
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim
-        shape = (
-            cfg.num_hidden_layers,
-            self.max_batch_size,
-            self.num_kv_heads,
-            self.max_seq_len,
-            head_dim,
+        layers = cfg.num_hidden_layers
+        token_bytes = KVCache.token_bytes(layers, self.num_kv_heads, head_dim, self.dtype)
+        self.memory = plan_memory(
+            memory_budget_mb,
+            row_bytes=token_bytes * self.max_seq_len,
+            max_batch_size=self.max_batch_size,
+            device_type=self.device.type,
         )
-        self.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        if self.memory.kv_rows < self.max_batch_size:
+            logger.warning(
+                "the memory budget holds the KV cache of %d sequences at %d tokens, not %d "
+                "(--max-batch-size); raise --memory-budget or lower the context to run more at once",
+                self.memory.kv_rows,
+                self.max_seq_len,
+                self.max_batch_size,
+            )
+        self.max_batch_size = self.memory.kv_rows
+        self.kv = KVCache(
+            layers=layers,
+            kv_heads=self.num_kv_heads,
+            head_dim=head_dim,
+            max_rows=self.max_batch_size,
+            max_len=self.max_seq_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self._rows: list[_Row] = []
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        return self.kv.k
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        return self.kv.v
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes by part: base weights, adapters (in use, allocated, free in the budget), KV cache (in use,
+        allocated, free in its share), the budget and the process RSS. Cheap; safe from any thread."""
+        adapters_used = self.banks.used_bytes + sum(h.nbytes for h in list(self._heads.values()))
+        kv_used = sum(row.length for row in list(self._rows)) * self.kv.bytes_per_token
+        return {
+            "base_bytes": int(self.memory_footprint),
+            "adapter_bytes_in_use": adapters_used,
+            "adapter_bytes_allocated": self.banks.nbytes,
+            "adapter_bytes_free": max(self.memory.adapter_bytes - adapters_used, 0),
+            "kv_bytes_in_use": kv_used,
+            "kv_bytes_allocated": self.kv.nbytes,
+            "kv_bytes_free": max(self.memory.kv_max_bytes - kv_used, 0),
+            "budget_bytes": self.memory.budget,
+            "rss_bytes": process_rss(),
+        }
 
     @property
     def active_ids(self) -> list[int]:
@@ -271,9 +328,7 @@ class Engine:
             return
         last = len(self._rows) - 1
         if index != last:
-            n = self._rows[last].length
-            self.k_cache[:, index, :, :n] = self.k_cache[:, last, :, :n]
-            self.v_cache[:, index, :, :n] = self.v_cache[:, last, :, :n]
+            self.kv.move_row(last, index, self._rows[last].length)
             self._rows[index] = self._rows[last]
         self._rows.pop()
 
@@ -295,6 +350,7 @@ class Engine:
             self._check_length(len(prompt))
         start = len(self._rows)
         ids, lengths = self._pad(prompts)
+        self._grow_cache(start + len(prompts), ids.shape[1])
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         hidden = self._forward(ids, positions, lengths, slots, cache_rows=(start, len(prompts)))
         for seq_id, slot, prompt in zip(seq_ids, slots, prompts, strict=True):
@@ -314,6 +370,7 @@ class Engine:
             raise ValueError(f"decode got {len(tokens)} tokens for {len(rows)} rows")
         for row in rows:
             self._check_length(row.length + 1)
+        self._grow_cache(len(rows), max((r.length for r in rows), default=0) + 1)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         positions = torch.tensor([r.length for r in rows], device=self.device).view(-1, 1)
         hidden = self._forward(ids, positions, positions[:, 0] + 1, [r.slot for r in rows], decoding=True)
@@ -334,6 +391,11 @@ class Engine:
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         hidden = self._forward(ids, positions, lengths, slots)
         return [hidden[i, : len(p)] for i, p in enumerate(prompts)]
+
+    def _grow_cache(self, rows: int, length: int) -> None:
+        """Make the KV cache hold `rows` rows of `length` tokens (the live rows are kept)."""
+        live_len = max((row.length for row in self._rows), default=0)
+        self.kv.ensure(rows, length, len(self._rows), live_len)
 
     def _check_length(self, n: int) -> None:
         if n < 1 or n > self.max_seq_len:

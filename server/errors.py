@@ -105,9 +105,9 @@ class ForbiddenError(AdapterDockError, PermissionError):
 
 
 class AdapterTooLargeError(AdapterDockError, MemoryError):
-    """One adapter larger than the whole adapter memory budget."""
+    """One adapter larger than the adapters' whole share of the memory budget: it can never load."""
 
-    default_remedy = "Start the server with a larger --max-adapter-memory."
+    default_remedy = "Start the server with a larger --memory-budget (or --max-adapter-memory, if set)."
 
 
 class HubNotConfiguredError(AdapterDockError, LookupError):
@@ -212,7 +212,7 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     InputTooLongError: ErrorSpec(400, "input_too_long"),
     InvalidInputError: ErrorSpec(400, "invalid_input"),
     UnsupportedParameterError: ErrorSpec(400, "unsupported_parameter"),
-    AdapterTooLargeError: ErrorSpec(400, "adapter_too_large"),
+    AdapterTooLargeError: ErrorSpec(413, "adapter_too_large"),
     AdapterSetTooLargeError: ErrorSpec(400, "adapter_set_too_large"),
     NotCombinableError: ErrorSpec(422, "not_combinable"),
     HubNotConfiguredError: ErrorSpec(400, "hub_not_configured"),

@@ -120,6 +120,22 @@ class _LiveCollector(Collector):
                     "Bytes the loaded base model's weights occupy.",
                     value=footprint,
                 )
+            report = getattr(self.engine, "memory_report", None)
+            if report is not None:
+                yield _memory_metric(report())
+
+
+def _memory_metric(report: dict[str, int]) -> GaugeMetricFamily:
+    """`Engine.memory_report()` as one gauge labelled by part (base, adapter_in_use, kv_free, rss, ...)."""
+    family = GaugeMetricFamily(
+        f"{PREFIX}_memory_bytes",
+        "Resident memory by part: base weights, adapter pages and KV cache (in use, allocated, free within "
+        "the memory budget), the budget, and the process RSS.",
+        labels=["part"],
+    )
+    for name, value in report.items():
+        family.add_metric([name.replace("_bytes", "")], value)
+    return family
 
 
 def _cache_metrics(stats: dict[str, Any]):

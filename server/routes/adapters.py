@@ -49,7 +49,14 @@ async def list_adapters(request: Request, state: State) -> dict[str, Any]:
         "base": {"name": state.base_name, "fingerprint": state.base.fingerprint},
         "data": data,
         "cache": state.cache.stats,
+        "memory": _memory(state),
     }
+
+
+def _memory(state: State) -> dict[str, int]:
+    """The engine's memory report by part (`Engine.memory_report`); empty for an engine without one."""
+    report = getattr(state.engine, "memory_report", None)
+    return report() if report is not None else {}
 
 
 @router.post("/v1/adapters/load")
