@@ -90,16 +90,23 @@ def test_a_bf16_engine_keeps_cache_and_banks_in_bf16_and_matches_peft_in_bf16(
     try:
         prompts = [bf16_engine.tokenizer(t)["input_ids"] for t in PROMPTS]
         logits = bf16_engine.prefill([1, 2, 3], prompts, [adapter.slot, 0, adapter.slot])
+        nexts = logits.argmax(-1).tolist()
+        step = bf16_engine.decode(nexts)  # a decode step takes another path (the delta in fp32)
         for seq_id in (1, 2, 3):
             bf16_engine.release(seq_id)
     finally:
         bf16_engine.unload_adapter(adapter)
     base = AutoModelForCausalLM.from_pretrained(tiny_base.path, dtype=torch.bfloat16).eval()
     with torch.inference_mode():
+        longer = [p + [n] for p, n in zip(prompts, nexts, strict=True)]
         plain = [base(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+        plain_next = base(torch.tensor([longer[1]])).logits[0, -1].float()
         peft = PeftModel.from_pretrained(base, gen.path).eval()
         tuned = [peft(torch.tensor([p])).logits[0, -1].float() for p in prompts]
+        tuned_next = [peft(torch.tensor([p])).logits[0, -1].float() for p in longer]
     for row, reference in zip(logits, [tuned[0], plain[1], tuned[2]], strict=True):
+        _assert_close_in_bf16(row, reference)
+    for row, reference in zip(step, [tuned_next[0], plain_next, tuned_next[2]], strict=True):
         _assert_close_in_bf16(row, reference)
     for with_adapter, without in zip(tuned, plain, strict=True):  # the tolerance tells them apart
         spread = (with_adapter.max() - with_adapter.min()).item()
