@@ -23,12 +23,12 @@ import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.engine_timing import time_block
 from hub.bases import resolve_base
 from hub.store import LocalStore
 
@@ -69,24 +69,6 @@ def load_kinds(engine: Any, store: LocalStore) -> dict[str, int]:
     parts = [(*one(name), 0.5) for name in ("lora", "part")]
     slots["set"] = engine.load_adapter_set("set", parts).slot
     return slots
-
-
-def time_block(
-    engine: Any, slots: list[int], prompts: list[list[int]], steps: int
-) -> tuple[float, list[float]]:
-    """CPU seconds of one prefill and of each decode step of a batch whose rows use `slots`."""
-    rows = list(range(len(slots)))
-    started = time.process_time()
-    tokens = engine.prefill(rows, prompts, slots).argmax(-1).tolist()
-    prefill = time.process_time() - started
-    decode = []
-    for _ in range(steps):
-        started = time.process_time()
-        tokens = engine.decode(tokens).argmax(-1).tolist()
-        decode.append(time.process_time() - started)
-    for row in rows:
-        engine.release(row)
-    return prefill, decode
 
 
 def median(values: list[float]) -> float:

@@ -28,6 +28,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.engine_timing import time_block
 from benchmarks.serve_bench import make_adapters
 from hub.bases import resolve_base
 from hub.store import LocalStore
@@ -38,24 +39,6 @@ DTYPES = ("fp32", "bf16")
 
 def median_ms(values: list[float]) -> float:
     return round(sorted(values)[len(values) // 2] * 1e3, 2)
-
-
-def run_block(
-    engine: Any, prompts: list[list[int]], slots: list[int], steps: int
-) -> tuple[float, list[float]]:
-    """One prefill and `steps` decode steps of the whole batch; -> (prefill s, [decode s]) in CPU time."""
-    rows = list(range(len(prompts)))
-    started = time.process_time()
-    tokens = engine.prefill(rows, prompts, slots).argmax(-1).tolist()
-    prefill = time.process_time() - started
-    decode = []
-    for _ in range(steps):
-        started = time.process_time()
-        tokens = engine.decode(tokens).argmax(-1).tolist()
-        decode.append(time.process_time() - started)
-    for row in rows:
-        engine.release(row)
-    return prefill, decode
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,7 +68,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for block in range(args.blocks):
         for name, engine in engines.items():
             for kind, row_slots in (("base", [0] * args.batch), ("mixed", slots[name])):
-                prefill, decode = run_block(engine, prompts, row_slots, args.steps)
+                prefill, decode = time_block(engine, row_slots, prompts, args.steps)
                 times[f"{name} {kind}"]["prefill"].append(prefill)
                 times[f"{name} {kind}"]["decode"].extend(decode)
         print(f"block {block + 1}/{args.blocks} done", file=sys.stderr, flush=True)
