@@ -126,19 +126,26 @@ async def acquire_model(
         request.state.adapter = state.base_name
         return Lease(state, None, None)
     if is_adapter_set(model):
-        return await acquire_set(state, request, model, endpoint=endpoint, source=source)
+        return await acquire_set(state, request, model, endpoint=endpoint, source=source, user=user)
     resolved = await resolve(state, request, model, endpoint, source, user=user)
     return await acquire(state, resolved)
 
 
 async def acquire_set(
-    state: ServerState, request: Request, text: str, *, endpoint: str = GENERATE, source: str | None = None
+    state: ServerState,
+    request: Request,
+    text: str,
+    *,
+    endpoint: str = GENERATE,
+    source: str | None = None,
+    user: str | None = None,
 ) -> Lease:
     """Lease the weighted set `text` names as one combined LoRA, built on its first request.
 
-    Every part is resolved and checked as a single reference would be (scope, base fingerprint, task),
-    then must be a plain LoRA; the combined adapter is cached under the canonical key of the resolved
-    versions and weights, so a moved tag makes a new set and never serves a stale one.
+    Every part is resolved and checked as a single reference would be (scope, base fingerprint, task; a
+    split tag picks its version by `user`), then must be a plain LoRA; the combined adapter is cached
+    under the canonical key of the resolved versions and weights, so a moved tag makes a new set and
+    never serves a stale one.
 
     Raises:
         InvalidReferenceError: malformed set syntax. NotCombinableError: a DoRA or bottleneck part.
@@ -146,7 +153,7 @@ async def acquire_set(
     """
     assert state.cache is not None and state.resolver is not None
     parts = parse_adapter_set(text)
-    resolved = [await resolve(state, request, str(part.ref), endpoint, source) for part in parts]
+    resolved = [await resolve(state, request, str(part.ref), endpoint, source, user=user) for part in parts]
     for one in resolved:
         check_combinable(one.key, one.manifest)
     key = set_key([(one.key, part.weight) for one, part in zip(resolved, parts, strict=True)])

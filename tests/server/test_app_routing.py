@@ -87,3 +87,17 @@ def test_feedback_pairs_record_the_version_a_split_served(server: FakeServer) ->
         f"{p.adapter_b}@{p.version_b}" for p in pairs
     }
     assert recorded == {"chat@1", "chat@2"}
+
+
+def test_a_split_tag_inside_a_weighted_set_is_sticky_per_user(server: FakeServer) -> None:
+    server.state.store.route("chat", "prod", parse_split("1=50,2=50"))
+
+    def served(user: str) -> str:
+        body = {"model": "chat@prod*0.5+other*0.5", "prompt": "x", "max_tokens": 1, "user": user}
+        response = server.client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["model"]
+
+    by_user = {user: served(user) for user in ("ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal")}
+    assert all(served(user) == first for user, first in by_user.items() for _ in range(3))
+    assert set(by_user.values()) == {"chat@1+other@1", "chat@2+other@1"}  # both versions drawn, by user
