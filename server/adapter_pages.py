@@ -25,8 +25,9 @@ _SLOW_DECODE_DTYPES = (torch.bfloat16, torch.float16)
 rank 16, out 1536), while prefill's (64 tokens a row) run 2x faster in bf16: decode steps compute the
 delta in fp32 from fp32 copies of the gathered factors (also the more exact sum), prefill in the bank's
 dtype."""
-GROWTH = 1.5
-"""A full pool grows to at least this factor of its capacity (amortises the copies of a growing pool)."""
+GROWTH = 1.25
+"""A full pool grows to at least this factor of its capacity: amortises the copies of a growing pool while
+keeping the free slack under a quarter (16 rank-16 adapters on smollm2-135m: 1.5 left 43 % free)."""
 
 
 class PagePool:

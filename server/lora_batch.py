@@ -213,11 +213,14 @@ class AdapterBanks:
     def _ensure_bottleneck_banks(self) -> None:
         if self.bottleneck:
             return
-        for layer in range(self.layout.num_layers):
-            for where in ("attn", "mlp"):
-                self.bottleneck[f"{layer}.{where}"] = BottleneckBank(
-                    self.num_slots, self.layout.hidden_size, self.max_rank, self.dtype, self.device
-                )
+        banks = {
+            f"{layer}.{where}": BottleneckBank(
+                self.num_slots, self.layout.hidden_size, self.max_rank, self.dtype, self.device
+            )
+            for layer in range(self.layout.num_layers)
+            for where in ("attn", "mlp")
+        }
+        self.bottleneck = banks  # swapped in whole: the memory report may iterate it from another thread
 
     @contextmanager
     def forward(self, slots: list[int]) -> Iterator[RowContext]:
