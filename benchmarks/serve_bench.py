@@ -57,17 +57,25 @@ def scenario_label(num_adapters: int, cache: int) -> str:
 
 # ---- adapters -----------------------------------------------------------------------------------------
 def make_adapters(
-    base: BaseInfo, names: list[str], out_root: Path, store: LocalStore, rank: int, seed: int
+    base: BaseInfo,
+    names: list[str],
+    out_root: Path,
+    store: LocalStore,
+    rank: int,
+    seed: int,
+    *,
+    use_dora: bool = False,
 ) -> dict[str, Path]:
-    """Save one random LoRA per name (PEFT format) and register it; returns {name: PEFT folder}."""
+    """Save one random LoRA (or DoRA) per name (PEFT format) and register it; returns {name: PEFT folder}."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, init_lora_weights=False, task_type="CAUSAL_LM"
-    )
+        r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, init_lora_weights=False,
+        task_type="CAUSAL_LM", use_dora=use_dora,
+    )  # fmt: skip
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base.name_or_path
     folders = {}
@@ -78,7 +86,9 @@ def make_adapters(
                 module.reset_lora_parameters("default", False)  # nn.Linear's init: random, non-zero A and B
         folder = out_root / name
         peft_model.save_pretrained(folder)
-        store.put(folder, name=name, task="instruction", method="lora", base=base.spec)
+        store.put(
+            folder, name=name, task="instruction", method="dora" if use_dora else "lora", base=base.spec
+        )
         folders[name] = folder
     return folders
 
