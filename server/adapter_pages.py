@@ -59,10 +59,11 @@ class PagePool:
         """Bytes allocated, page 0 included."""
         return (self.capacity + 1) * self.page_bytes
 
-    def allocate(self, n: int) -> list[int]:
-        """Take `n` pages (growing the pool when too few are free); -> their ids."""
+    def allocate(self, n: int, growth: float = GROWTH) -> list[int]:
+        """Take `n` pages (growing the pool when too few are free, by `growth`; 1: exactly); -> their ids."""
         if len(self._free) < n:
-            self._grow(max(n - len(self._free), int(self.capacity * (GROWTH - 1)), 4))
+            spare = (int(self.capacity * (growth - 1)), 4) if growth > 1 else (0,)
+            self._grow(max(n - len(self._free), *spare))
         pages, self._free = self._free[:n], self._free[n:]
         self.used += n
         return pages
@@ -109,11 +110,11 @@ class PagedFactors:
         self.table = torch.zeros(slots, max_rank, dtype=torch.int32, device=device)
         self.pages: dict[int, list[int]] = {}
 
-    def put(self, slot: int, **rows: torch.Tensor) -> int:
+    def put(self, slot: int, *, growth: float = GROWTH, **rows: torch.Tensor) -> int:
         """Store `rows` (each [rank, width]) for `slot`, replacing what it held; -> bytes now charged."""
         self.drop(slot)
         rank = next(iter(rows.values())).shape[0]
-        pages = self.pool.allocate(rank)
+        pages = self.pool.allocate(rank, growth)
         self.pool.write(pages, **rows)
         self.table[slot, :rank] = torch.tensor(pages, dtype=torch.int32)
         self.pages[slot] = pages
@@ -227,11 +228,13 @@ class LoraBank(nn.Module):
         b: torch.Tensor | None,
         scale: float,
         dora: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        growth: float = GROWTH,
     ) -> int:
         """Store factors a [r, in], b [out, r] for `slot` in r pages; None clears it. -> bytes charged.
 
         Args:
             dora: (g [out], shift [out] or None) of a DoRA adapter (`server.dora.dora_rescale`).
+            growth: how a full pool grows (1: exactly what is needed, near the memory budget).
         """
         self._gathered, self._gathered_dora = {}, {}
         self.factors.drop(slot)
@@ -239,7 +242,7 @@ class LoraBank(nn.Module):
             self.dora.drop(slot)
         if a is None or b is None:
             return 0
-        charged = self.factors.put(slot, a=a, b=b.t() * scale)
+        charged = self.factors.put(slot, growth=growth, a=a, b=b.t() * scale)
         if dora is not None:
             g, shift = dora
             if self.dora is None:
@@ -247,7 +250,7 @@ class LoraBank(nn.Module):
                 pool = PagePool(widths, self.dtype, g.device, fills={"g": 1.0})
                 self.dora = PagedFactors(pool, self.factors.table.shape[0], 1)
             rows = {"g": g.view(1, -1)} | ({} if shift is None else {"shift": shift.view(1, -1)})
-            charged += self.dora.put(slot, **rows)
+            charged += self.dora.put(slot, growth=growth, **rows)
         return charged
 
 
@@ -285,13 +288,12 @@ class BottleneckBank(nn.Module):
         return torch.baddbmm(up_b, act, up_w)
 
     @torch.no_grad()
-    def write(self, slot: int, site=None) -> int:
+    def write(self, slot: int, site=None, growth: float = GROWTH) -> int:
         """Store one `BottleneckSite` for `slot`; None clears the slot. -> bytes charged."""
         self.units.drop(slot)
         self.up_bias.drop(slot)
         if site is None:
             return 0
-        charged = self.units.put(
-            slot, down=site.down_weight, down_b=site.down_bias.view(-1, 1), up=site.up_weight.t()
-        )
-        return charged + self.up_bias.put(slot, up_b=site.up_bias.view(1, -1))
+        down, up = site.down_weight, site.up_weight.t()
+        charged = self.units.put(slot, growth=growth, down=down, down_b=site.down_bias.view(-1, 1), up=up)
+        return charged + self.up_bias.put(slot, growth=growth, up_b=site.up_bias.view(1, -1))

@@ -276,6 +276,7 @@ class Engine:
                 self.max_batch_size,
             )
         self.max_batch_size = self.memory.kv_rows
+        self.banks.byte_limit = self.memory.adapter_bytes
         self.kv = KVCache(
             layers=layers,
             kv_heads=self.num_kv_heads,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from server.adapter_pages import BottleneckBank, LoraBank
+from server.adapter_pages import GROWTH, BottleneckBank, LoraBank
 from server.adapter_weights import AdapterWeights, BaseLayout
 from server.dora import dora_rescale
 from server.errors import ConcurrentForwardError
@@ -40,6 +40,8 @@ ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
 }
 _ACTIVATION_IDS = {name: i + 1 for i, name in enumerate(ACTIVATION_FNS)}  # 0 = no bottleneck
+TIGHT_SHARE = 0.75
+"""Past this share of `byte_limit`, page pools stop growing ahead of need (GROWTH x 0.75 < 1)."""
 
 
 @dataclass
@@ -134,6 +136,9 @@ class AdapterBanks:
         self._forward_lock = threading.Lock()
         self._forward_thread: str | None = None
         self._write_lock = threading.Lock()
+        self.byte_limit: int | None = None
+        """Bytes adapters may take (the engine's share of the memory budget): near it, pools grow by exactly
+        what a load needs, so their spare pages never push the allocation past the budget."""
         self.lora: dict[str, LoraBank] = {}
         self.linears: dict[str, AdapterLinear] = {}
         """Module path -> its wrapped linear (DoRA's scale reads the base weight)."""
@@ -186,6 +191,8 @@ class AdapterBanks:
         if weights.method == "bottleneck":
             self._ensure_bottleneck_banks()
         charged = 0
+        near_limit = self.byte_limit is not None and self.nbytes >= TIGHT_SHARE * self.byte_limit
+        growth = 1.0 if near_limit else GROWTH
         for path, bank in self.lora.items():
             module = weights.lora.get(path)
             if module is None:
@@ -195,10 +202,10 @@ class AdapterBanks:
             if module.magnitude is not None:
                 base = self.linears[path].base
                 dora = dora_rescale(base, module.a, module.b, module.scale, module.magnitude)
-            charged += bank.write(slot, module.a, module.b, module.scale, dora)
+            charged += bank.write(slot, module.a, module.b, module.scale, dora, growth)
         for key, bank in self.bottleneck.items():
             layer, where = key.split(".")
-            charged += bank.write(slot, weights.bottleneck.get((int(layer), where)))
+            charged += bank.write(slot, weights.bottleneck.get((int(layer), where)), growth)
         self.slot_rank[slot] = weights.rank
         self.slot_dora[slot] = any(m.magnitude is not None for m in weights.lora.values())
         self.version += 1

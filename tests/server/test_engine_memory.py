@@ -146,3 +146,15 @@ def test_memory_report_over_http(tmp_path):
         metrics = server.client.get("/metrics").text
         assert 'adapterdock_memory_bytes{part="kv_free"} 4096.0' in metrics
         assert 'adapterdock_memory_bytes{part="adapter_in_use"} 1024.0' in metrics
+
+
+def test_near_the_limit_pools_grow_by_exactly_what_a_load_needs(engine, adapters):
+    limit = engine.banks.byte_limit
+    engine.banks.byte_limit = engine.banks.nbytes  # already "at" the limit
+    try:
+        before = engine.banks.nbytes
+        adapter = _load(engine, adapters, "gen-c")()
+        assert engine.banks.nbytes - before <= adapter.nbytes  # no spare pages beyond the load's own
+        engine.unload_adapter(adapter)
+    finally:
+        engine.banks.byte_limit = limit
