@@ -1,10 +1,13 @@
-"""Turning `serve_bench.py` results into the Markdown table, the target verdicts and the throughput plot.
+"""Turning `serve_bench.py` results into the Markdown table, the target verdicts and the throughput plot;
+and the JSON + Markdown pair every benchmark writes (`write_results`).
 
-Boundary: pure functions over the results dictionary (as written to serve_bench.json); no servers, no HTTP.
+Boundary: functions over results dictionaries (as written to serve_bench.json) and the files they go to;
+no servers, no HTTP.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,6 +80,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def write_results(stem: Path, payload: dict[str, Any], title: str, intro: str, table: list[dict]) -> str:
+    """`stem`.json (the payload) and `stem`.md (title, intro, the table, its keys as headers); -> the md."""
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    text = f"# {title}\n\n{intro}\n\n" + markdown_table(table, [(key, key) for key in table[0]])
+    stem.with_suffix(".md").write_text(text)
+    return text
 
 
 def find_row(rows: Sequence[dict[str, Any]], system: str, scenario: str, concurrency: int) -> dict | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import bench_report
 from benchmarks.engine_timing import time_block
 from benchmarks.serve_bench import make_adapters
 from hub.bases import resolve_base
@@ -107,22 +107,15 @@ def write(args: argparse.Namespace, rows: dict[str, Any], table: list[dict[str, 
         "wall_s": round(wall), "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
         "blocks": args.blocks, "rank": args.rank,
     }  # fmt: skip
-    stem.with_suffix(".json").write_text(
-        json.dumps({"meta": meta, "medians": rows, "table": table}, indent=2)
-    )
-    head = list(table[0])
-    lines = [
-        f"# Engine cost by compute dtype ({args.base})\n",
+    payload = {"meta": meta, "medians": rows, "table": table}
+    intro = (
         f"`{meta['command']}` at {meta['date']}: batch {args.batch}, prompts of {args.prompt_len} tokens, "
         f"{args.steps} decode steps a block, {args.blocks} blocks alternating between engines, one torch "
         f"thread, CPU time per call (medians). 'mixed' = every row on its own rank-{args.rank} LoRA (all "
-        "seven projections). Speeds are time ratios inverted (higher is faster).\n",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *("| " + " | ".join(str(row[k]) for k in head) + " |" for row in table),
-    ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(stem.with_suffix(".md").read_text())
+        "seven projections). Speeds are time ratios inverted (higher is faster)."
+    )
+    title = f"Engine cost by compute dtype ({args.base})"
+    print(bench_report.write_results(stem, payload, title, intro, table))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import loadgen
+from benchmarks import bench_report, loadgen
 from benchmarks.bench_servers import ServerProcess, free_port, running
 from benchmarks.serve_bench import make_adapters
 from hub.bases import resolve_base
@@ -116,20 +116,15 @@ def write(
     meta = {"command": "python -m benchmarks.serve_kinds " + " ".join(sys.argv[1:]),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall),
             **{k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": table, "runs": rows}, indent=2))
-    head = list(table[0])
-    lines = [
-        f"# Serving cost by adapter kind ({args.base})\n",
+    payload = {"meta": meta, "summary": table, "runs": rows}
+    intro = (
         f"`{meta['command']}` at {meta['date']}: one server (`--dtype {args.dtype}`), C={args.concurrency}, "
         f"{args.requests} requests a run of {args.prompt_tokens}-token prompts and {args.new_tokens} new "
         f"tokens, {args.repeats} round-robin repeats (medians). Target: DoRA and set rows cost within 1.5x "
-        "of a plain LoRA row (throughput ratio >= 0.667).\n",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *("| " + " | ".join(str(row[k]) for k in head) + " |" for row in table),
-    ]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(stem.with_suffix(".md").read_text())
+        "of a plain LoRA row (throughput ratio >= 0.667)."
+    )
+    title = f"Serving cost by adapter kind ({args.base})"
+    print(bench_report.write_results(stem, payload, title, intro, table))
 
 
 def main(argv: list[str] | None = None) -> None:
