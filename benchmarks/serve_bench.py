@@ -45,7 +45,7 @@ from hub.store import LocalStore
 logger = logging.getLogger("serve_bench")
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SCENARIOS = {"base": 0, "1": 1, "8": 8, "64": 64}
+SCENARIOS = {"base": 0, "1": 1, "8": 8, "16": 16, "64": 64}
 
 
 def scenario_label(num_adapters: int, cache: int) -> str:
