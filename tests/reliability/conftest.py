@@ -249,7 +249,7 @@ def servers(
     if "spare" in wanted:
         started["spare"] = launch(
             store, root / "spare.log", "--max-batch-size", "8", "--max-adapters", "2",
-            "--adapter-wait-timeout", "1",
+            "--adapter-wait-timeout", "0.25",  # well inside the 256-token stream that holds the slot
         )  # fmt: skip
     try:
         yield started

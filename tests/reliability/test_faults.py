@@ -394,7 +394,8 @@ def test_unreachable_hub_is_a_502_for_that_request_only(live: ServerProcess, sol
 
 def test_no_free_adapter_slot_is_503_with_retry_after(spare: ServerProcess, solo: dict[str, str]):
     """One slot pinned (pins never take the last one: the second pin is a 409), the other leased by a
-    long stream: a request for a third adapter waits --adapter-wait-timeout (1 s), then 503."""
+    long stream: a request for a third adapter waits --adapter-wait-timeout (0.25 s), then 503. (With a
+    1 s wait the 256-token stream could end first on a busy machine, the slot freed, and a 200 served.)"""
     wait_ready(spare)
     body = {"model": "load-10", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     with httpx.Client(base_url=spare.url, timeout=60) as client:
