@@ -208,9 +208,11 @@ class Engine:
         head = None
         if weights.head_weight is not None:
             bias = weights.head_bias
+            # Heads stay fp32 whatever the compute dtype: a few KiB, and scores and rewards keep fp32's
+            # precision (bf16 would round a reward to 3 significant digits).
             head = Head(
-                weight=weights.head_weight.to(self.device, self.dtype),
-                bias=None if bias is None else bias.to(self.device, self.dtype),
+                weight=weights.head_weight.to(self.device, torch.float32),
+                bias=None if bias is None else bias.to(self.device, torch.float32),
             )
         with self._slot_lock:
             if not self._free_slots:

@@ -65,7 +65,7 @@ def test_the_default_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch)
 def bf16_engine(tiny_base):
     from server.engine import Engine
 
-    return Engine(tiny_base.path, base_name="tiny", quantize="none", dtype="bf16", max_adapters=2,
+    return Engine(tiny_base.path, base_name="tiny", quantize="none", dtype="bf16", max_adapters=6,
                   max_rank=16, max_batch_size=4, max_seq_len=64)  # fmt: skip
 
 
@@ -111,3 +111,54 @@ def test_a_bf16_engine_keeps_cache_and_banks_in_bf16_and_matches_peft_in_bf16(
     for with_adapter, without in zip(tuned, plain, strict=True):  # the tolerance tells them apart
         spread = (with_adapter.max() - with_adapter.min()).item()
         assert (with_adapter - without).abs().max().item() > 3 * TOLERANCE * spread
+
+
+def test_heads_bottleneck_and_dora_serve_in_bf16_close_to_fp32(bf16_engine, engine, adapters) -> None:
+    """Every adapter kind runs on a bf16 engine; task heads compute in fp32 (a reward keeps fp32's digits)
+    and land near the fp32 engine's answers."""
+    import asyncio
+
+    from server.config import ServerConfig
+    from server.prompts import task_inputs
+    from server.scheduler import Scheduler
+
+    def answers(eng) -> tuple[list, list, list, torch.Tensor]:
+        loaded = {n: eng.load_adapter(adapters[n].key, adapters[n].path, adapters[n].manifest)
+                  for n in ("cls", "ner", "reward", "bneck", "dora-a")}  # fmt: skip
+
+        async def tasks() -> tuple[list, list, list]:
+            scheduler = Scheduler(eng, max_batch_size=4)
+            await scheduler.start()
+            try:
+                plain = await task_inputs(eng.tokenizer, PROMPTS, ServerConfig())
+                spans = await task_inputs(eng.tokenizer, PROMPTS, ServerConfig(), offsets=True)
+                classes = await scheduler.classify(loaded["cls"], plain)
+                return (
+                    classes,
+                    await scheduler.ner(loaded["ner"], spans),
+                    await scheduler.score(loaded["reward"], plain),
+                )
+            finally:
+                await scheduler.stop()
+
+        try:
+            classes, entities, rewards = asyncio.run(tasks())
+            ids = [eng.tokenizer(t)["input_ids"] for t in PROMPTS[:2]]
+            logits = eng.prefill([7, 8], ids, [loaded["bneck"].slot, loaded["dora-a"].slot])
+            step = eng.decode(logits.argmax(-1).tolist())
+            eng.release(7), eng.release(8)
+        finally:
+            for adapter in loaded.values():
+                eng.unload_adapter(adapter)
+        return classes, entities, rewards, step
+
+    ours, reference = answers(bf16_engine), answers(engine)
+    assert bf16_engine.dtype == torch.bfloat16 and engine.dtype == torch.float32
+    for got, want in zip(ours[0], reference[0], strict=True):
+        assert max(abs(got["scores"][k] - want["scores"][k]) for k in want["scores"]) < 0.02
+    assert [len(e) for e in ours[1]] == [len(e) for e in reference[1]]
+    assert all(abs(got - want) < 0.02 for got, want in zip(ours[2], reference[2], strict=True))
+    as_bf16 = torch.tensor(ours[2]).to(torch.bfloat16).float().tolist()
+    assert all(r != b for r, b in zip(ours[2], as_bf16, strict=True)), "rewards keep fp32 precision"
+    for row, want in zip(ours[3], reference[3], strict=True):
+        _assert_close_in_bf16(row, want)
