@@ -33,6 +33,11 @@ from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeEr
 
 logger = logging.getLogger(__name__)
 
+HINT_SLACK = 2
+"""A load's size hint is its files' size; served in a narrower dtype (fp32 files, bf16 compute) it takes up
+to this many times less, so only a hint above this many times the byte bound is refused before loading
+(anything else is loaded and refused, then unloaded, if its real size does not fit)."""
+
 
 @dataclass
 class CacheEntry:
@@ -248,6 +253,7 @@ class AdapterCache:
     async def _load(self, key: str, record: _Loading, load: Callable[[], Any]) -> CacheEntry:
         reserved = False
         try:
+            record.nbytes = self._room_for(key, record.nbytes)
             victims = await self._reserve(key, record.nbytes)
             reserved = True
             for victim in victims:
@@ -282,13 +288,23 @@ class AdapterCache:
         logger.info("loaded adapter %s (%d bytes) in %.3fs", key, entry.nbytes, seconds)
         return entry
 
+    def _room_for(self, key: str, hint: int) -> int:
+        """The bytes to make room for before a load, from its size hint (the files' size).
+
+        Raises:
+            AdapterTooLargeError: even at `HINT_SLACK` times smaller than its hint it would not fit.
+        """
+        if self.max_bytes is None:
+            return hint
+        if hint > self.max_bytes * HINT_SLACK:
+            raise AdapterTooLargeError(
+                f"Adapter {key} needs about {hint / 2**20:.1f} MiB; the adapters' share of the memory "
+                f"budget is {self.max_bytes / 2**20:.1f} MiB, so it can never be loaded."
+            )
+        return min(hint, self.max_bytes)  # its real size, checked once loaded, may be smaller
+
     async def _reserve(self, key: str, nbytes: int) -> list[CacheEntry]:
         """Claim a slot (and bytes) for a load, evicting idle entries; wait FIFO when none can go."""
-        if self.max_bytes is not None and nbytes > self.max_bytes:
-            raise AdapterTooLargeError(
-                f"Adapter {key} needs {nbytes / 2**20:.1f} MiB; the adapters' share of the memory budget "
-                f"is {self.max_bytes / 2**20:.1f} MiB, so it can never be loaded."
-            )
         if not self._waiters:
             victims = self._try_reserve(nbytes)
             if victims is not None:

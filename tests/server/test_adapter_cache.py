@@ -65,6 +65,25 @@ def test_hits_misses_and_lru_eviction():
     assert stats["load_seconds_total"] >= 3 * 0.01  # three loads of at least 10 ms each
 
 
+def test_a_hint_above_the_budget_loads_when_the_real_size_fits():
+    """The hint is the files' size; fp32 files served in bf16 take half: such an adapter is not refused."""
+    loader = Loader()
+
+    async def scenario() -> AdapterCache:
+        cache = AdapterCache(loader.unload, max_adapters=10, max_bytes=100)
+        await cache.acquire("a", loader.load("a", 40), nbytes_hint=40)
+        cache.release("a")
+        await cache.acquire("fp32-file", loader.load("fp32-file", 60), nbytes_hint=120)
+        cache.release("fp32-file")
+        with pytest.raises(AdapterTooLargeError, match="never stay resident"):
+            await cache.acquire("too-big", loader.load("too-big", 150), nbytes_hint=150)
+        return cache
+
+    cache = run(scenario())
+    assert [e.key for e in cache.entries()] == []  # room was made for 100 bytes; too-big was unloaded
+    assert loader.unloads == ["a", "fp32-file", "too-big"]
+
+
 def test_byte_budget_evicts_until_it_fits_and_refuses_oversized():
     loader = Loader()
 

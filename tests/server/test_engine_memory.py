@@ -85,7 +85,7 @@ def test_an_adapter_that_can_never_fit_is_refused_and_leaves_nothing(engine, ada
             await cache.acquire("gen-c", _load(engine, adapters, "gen-c"), nbytes_hint=hint)
         assert cache.entries() == []
 
-    asyncio.run(scenario(r16))  # refused from the hint, before loading
+    asyncio.run(scenario(3 * r16))  # refused from the hint (over twice the bound), before loading
     asyncio.run(scenario(0))  # or once loaded, from its real size (then unloaded)
     assert engine.free_slots == free and engine.banks.used_bytes == used
 
