@@ -20,7 +20,10 @@ On the random `tiny` base absolute numbers are small and what is checked is that
 the right direction; on `smollm2-135m` (the default) the targets are reward accuracy >= 0.62 and DPO
 implicit-reward accuracy >= 0.60 on the held-out pairs. Run: `python benchmarks/preference_quality.py
 [--base smollm2-135m] [--recipes reward dpo ppo] [--train-pairs 1200] [--eval-pairs 400] [--threads 2]`;
-writes benchmarks/results/preference_quality_<base>.{json,md} (`preference_quality.*` for `tiny`).
+writes benchmarks/results/preference_quality_<base>.{json,md} (`preference_quality.*` for `tiny`),
+after each recipe, so a run cut short keeps what finished. `--set RECIPE.KEY=VALUE` overrides a setting;
+`--registry DIR` keeps the adapters, and `--reward-ref REF` then lets a later PPO run reuse the reward
+adapter instead of training it again.
 """
 
 from __future__ import annotations
@@ -73,6 +76,23 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "log_every": 5,
     },
 }  # fmt: skip
+
+
+def with_overrides(settings: dict[str, dict[str, Any]], overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """`settings` with each `recipe.key=value` of `overrides` applied (value parsed as JSON if it can be)."""
+    settings = {recipe: dict(values) for recipe, values in settings.items()}
+    for item in overrides:
+        name, _, raw = item.partition("=")
+        recipe, _, key = name.partition(".")
+        if recipe not in settings or not key or not raw:
+            raise SystemExit(
+                f"--set {item!r}: expected RECIPE.KEY=VALUE with RECIPE one of {sorted(settings)}"
+            )
+        try:
+            settings[recipe][key] = json.loads(raw)
+        except json.JSONDecodeError:
+            settings[recipe][key] = raw
+    return settings
 
 
 def settings_for(base: str) -> dict[str, dict[str, Any]]:
@@ -170,6 +190,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ppo-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--progress", action="store_true", help="show each training run's progress bar")
+    parser.add_argument(
+        "--registry", type=Path, help="keep the trained adapters here (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--reward-ref",
+        help="PPO against this reward adapter already in --registry (trained on the same split) instead of "
+        "training one; the reward row is then left out",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="RECIPE.KEY=VALUE",
+        help="override a setting, e.g. ppo.max_steps=20 sft.epochs=1 (VALUE read as JSON, else a string)",
+    )
     return parser.parse_args()
 
 
@@ -182,7 +218,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    settings = settings_for(args.base)
+    settings = with_overrides(settings_for(args.base), args.set)
     with tempfile.TemporaryDirectory(prefix="pref-bench-") as tmp:
         work = Path(tmp)
         files = split_data(
@@ -192,22 +228,27 @@ def main() -> None:
         lines = files["eval_prompts"].read_text().splitlines(keepends=True)
         cut = lines[args.ppo_eval_offset : args.ppo_eval_offset + args.ppo_eval_prompts]
         eval_prompts.write_text("".join(cut))
-        shared = COMMON | {"base": args.base, "registry": str(work / "registry"), "progress": False}
+        registry = args.registry or work / "registry"
+        shared = COMMON | {"base": args.base, "registry": str(registry), "progress": args.progress}
         pairs = {"data": str(files["train"]), "eval": str(files["eval"])}
         results: dict[str, Any] = {}
-        rm = dp = None
-        if "reward" in args.recipes or "ppo" in args.recipes:
+        rm = dp = sft = None
+        ppo_runs: list[Any] = []
+        reward_ref = args.reward_ref
+        if "reward" in args.recipes or ("ppo" in args.recipes and not reward_ref):
             rm, seconds = run(reward, name="hh-reward", **shared, **pairs, **settings["reward"])
             low, high = interval(rm.metrics["accuracy"], args.eval_pairs)
             results["reward"] = pick(rm.metrics, REWARD_KEYS) | {
                 "accuracy_95ci": [low, high],
                 "seconds": seconds,
             }
+            save(results, args, rm, ppo_runs, settings)
+            reward_ref = rm.ref
         if "dpo" in args.recipes:
             dpo_pairs = pairs | {"data": str(files["dpo_train"])}
             dp, seconds = run(dpo, name="hh-dpo", **shared, **dpo_pairs, **settings["dpo"])
             results["dpo"] = pick(dp.metrics, DPO_KEYS) | {"seconds": seconds}
-        ppo_runs = []
+            save(results, args, rm or dp, ppo_runs, settings)
         if "ppo" in args.recipes:
             chats = {"data": str(files["sft"])}
             sft, seconds = run(instruction, name="hh-sft", **chats, **shared, **settings["sft"])
@@ -219,29 +260,43 @@ def main() -> None:
                 values = shared | settings["ppo"] | {"seed": seed}
                 manifest, seconds = run(
                     ppo, name=f"hh-ppo-s{seed}", prompts=str(files["train_prompts"]), eval=str(eval_prompts),
-                    reward=rm.ref, from_adapter=sft.ref, **values,
+                    reward=reward_ref, from_adapter=sft.ref, **values,
                 )  # fmt: skip
                 ppo_runs.append((seed, manifest, seconds))
-            results["ppo"] = [
-                pick(m.metrics, PPO_KEYS)
-                | {"seed": seed, "steps": m.metrics["train_steps"], "seconds": seconds}
-                for seed, m, seconds in ppo_runs
-            ]
+                results["ppo"] = [
+                    pick(m.metrics, PPO_KEYS)
+                    | {"seed": seed, "steps": m.metrics["train_steps"], "seconds": seconds}
+                    for seed, m, seconds in ppo_runs
+                ]
+                save(results, args, rm or dp or sft, ppo_runs, settings)
 
-    first = rm or dp
+    print(markdown(save(results, args, rm or dp or sft, ppo_runs, settings)))
+
+
+def save(
+    results: dict[str, Any],
+    args: argparse.Namespace,
+    first: Any,
+    ppo_runs: list[Any],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the results so far (called after every recipe, so a run cut short keeps what finished)."""
+    results = dict(results)
+    counts = first.trainer["data"]
     results["data"] = {
         "source": str(args.data),
         "base": args.base,
-        "train_pairs": first.trainer["data"]["train_pairs"],
+        "train_pairs": counts.get("train_pairs", args.train_pairs),
         "dpo_train_pairs": args.dpo_train_pairs,
-        "eval_pairs": first.trainer["data"]["eval_pairs"],
+        "eval_pairs": counts.get("eval_pairs", args.eval_pairs),
         "seed": SEED,
         "sft_max_reply_tokens": SFT_MAX_REPLY_TOKENS,
         "ppo_eval_offset": args.ppo_eval_offset,
     }
+    if "sft_chats" in results:
+        results["data"]["sft_chats"] = results.pop("sft_chats")
     if ppo_runs:
         results["data"] |= {
-            "sft_chats": results.pop("sft_chats"),
             "ppo_train_prompts": ppo_runs[0][1].trainer["data"]["train_prompts"],
             "ppo_eval_prompts": ppo_runs[0][1].trainer["data"]["eval_prompts"],
         }
@@ -252,7 +307,7 @@ def main() -> None:
     stem = results_stem(args.base)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(results))
-    print(markdown(results))
+    return results
 
 
 def verdicts(results: dict[str, Any]) -> dict[str, bool]:

@@ -136,18 +136,23 @@ def use_adapter(model: PeftModel, name: str | None) -> Iterator[None]:
 def reward_scores(
     model: PeftModel, head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
-    """Scores of the reward adapter: head(hidden state at each row's last attended token).
+    """Scores of the reward adapter: head(hidden state at each row's last attended non-pad token).
 
-    Rows may be left- or right-padded; positions follow the attention mask, as in generation.
+    Rows may be left- or right-padded; positions follow the attention mask, as in generation. The
+    score is read where the reward model was trained to give it and where the server reads it:
+    `AutoModelForSequenceClassification` pools the last token that is not `pad_token_id`, so on a
+    base whose pad token is its end-of-turn token (SmolLM2) that is the token before `<|im_end|>`.
     """
-    backbone = model.get_base_model().model
+    base = model.get_base_model()
     with use_adapter(model, REWARD):
-        hidden = backbone(
+        hidden = base.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions(attention_mask),
         ).last_hidden_state
-    last = last_token_index(attention_mask)
+    pad_id = base.config.pad_token_id
+    scored = attention_mask if pad_id is None else attention_mask * (input_ids != pad_id)
+    last = last_token_index(scored)
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     return head(picked.to(head.weight.dtype)).squeeze(-1).float()
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from hub.bases import BaseInfo
 from hub.errors import BaseMismatchError
@@ -22,6 +23,7 @@ from trainers.registered_adapters import (
     load_policy_and_reference,
     positions,
     registered_adapter,
+    reward_scores,
     use_adapter,
 )
 
@@ -90,3 +92,36 @@ def test_positions_and_last_token_follow_the_mask() -> None:
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     assert positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2], [0, 1, 2, 3, 4]]
     assert last_token_index(mask).tolist() == [4, 2, 4]
+
+
+def test_reward_scores_read_where_the_reward_model_scores_when_pad_is_end_of_turn(
+    tiny_base: BaseInfo, tmp_path: Path
+) -> None:
+    """PPO's score of a sequence equals the reward model's own (PEFT sequence-classification) score.
+
+    On SmolLM2 the pad token is the end-of-turn token, and `AutoModelForSequenceClassification`
+    pools the last token that is not the pad id: the token before `<|im_end|>`, not `<|im_end|>`.
+    """
+    end = 7  # stands for `<|im_end|>`, which is also the pad token
+    torch.manual_seed(0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=1)
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_classifier = get_peft_model(classifier, lora)
+    with torch.no_grad():
+        for name, param in peft_classifier.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    peft_classifier.save_pretrained(tmp_path / "rm", safe_serialization=True)
+    ids = torch.tensor([[5, 17, 300, end, end], [5, 17, 42, 300, end], [5, 17, 42, 300, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tiny_base.path, num_labels=1)
+    reloaded.config.pad_token_id = end
+    rm = PeftModel.from_pretrained(reloaded, tmp_path / "rm").eval()
+    causal = AutoModelForCausalLM.from_pretrained(tiny_base.path)
+    causal.config.pad_token_id = end
+    policy = get_peft_model(causal, LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj"]))
+    head = attach_reward_adapter(policy, tmp_path / "rm")
+    with torch.no_grad():
+        expected = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
+        scores = reward_scores(policy.eval(), head, ids, mask)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
