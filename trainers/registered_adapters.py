@@ -7,7 +7,7 @@
   adapters; no second copy of the model.
 - `attach_reward_adapter`: a reward adapter (SEQ_CLS LoRA with a `score` head) added to a causal
   LM as a frozen LoRA adapter named "reward", its head returned as a small separate `nn.Linear`;
-  `reward_scores` runs the backbone with it and reads the head at each row's last token.
+  `reward_scores` runs the backbone with it and reads the head at each row's last non-pad token.
 - `use_adapter`: a context manager that switches the active adapter and restores which
   parameters train afterwards (PEFT's `set_adapter` changes `requires_grad`).
 
