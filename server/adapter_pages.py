@@ -146,7 +146,7 @@ class LoraBank(nn.Module):
         self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gathered_dora: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._gathered_fp32: tuple | None = None
-        """(ctx.key, the gathered A it was made from, A and B in fp32), for `_add_delta_fp32`."""
+        """(the gathered A they were made from, A and B in fp32), for `_add_delta_fp32`."""
 
     @property
     def nbytes(self) -> int:
@@ -171,10 +171,10 @@ class LoraBank(nn.Module):
         """The decode-step delta computed in fp32 from fp32 copies of the gathered factors (made once per
         batch composition), added to the bf16/fp16 output: see `_SLOW_DECODE_DTYPES`."""
         cached = self._gathered_fp32
-        if cached is None or cached[0] != ctx.key or cached[1] is not a:
-            cached = (ctx.key, a, a.float(), b.float())
+        if cached is None or cached[0] is not a:  # `a` is the gather of this batch composition
+            cached = (a, a.float(), b.float())
             self._gathered_fp32 = cached
-        a32, b32 = cached[2], cached[3]
+        a32, b32 = cached[1], cached[2]
         if ctx.uniform_slot is not None:
             delta = (x.reshape(-1, x.shape[-1]).float() @ a32.t()) @ b32
             return y + delta.view(y.shape).to(y.dtype)
