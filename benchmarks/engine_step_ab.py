@@ -36,10 +36,19 @@ def _load_module(name: str, path: Path) -> Any:
 
 def load_old_engine(tree: Path, old_lora_batch: bool = False) -> Any:
     """The `Engine` class of `tree/server/engine.py`, imported as module `old_engine` (with the tree's
-    own `AdapterBanks` when `old_lora_batch`)."""
+    own `AdapterBanks` and the page storage under it, `server/adapter_pages.py`, when `old_lora_batch`)."""
     module = _load_module("old_engine", tree / "server" / "engine.py")
     if old_lora_batch:
-        module.AdapterBanks = _load_module("old_lora_batch", tree / "server" / "lora_batch.py").AdapterBanks
+        current = sys.modules["server.adapter_pages"]
+        sys.modules["server.adapter_pages"] = _load_module(
+            "old_adapter_pages", tree / "server" / "adapter_pages.py"
+        )
+        try:  # the older lora_batch imports the older pages
+            module.AdapterBanks = _load_module(
+                "old_lora_batch", tree / "server" / "lora_batch.py"
+            ).AdapterBanks
+        finally:
+            sys.modules["server.adapter_pages"] = current
     return module.Engine
 
 
@@ -72,6 +81,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--max-rank", type=int, default=16)
     parser.add_argument("--old-lora-batch", action="store_true", help="the older tree's lora_batch too")
+    parser.add_argument("--out", type=Path, help="also write OUT.json and OUT.md (e.g. benchmarks/results/x)")
     args = parser.parse_args()
 
     from server.engine import Engine
@@ -117,6 +127,18 @@ def main() -> None:
     result = {"base": args.base, "batch": args.batch, "adapters": args.adapters, "rank": args.rank}
     result |= {name: summary(decode[name], prefill[name]) for name in engines}
     print(json.dumps(result))
+    if args.out:
+        from benchmarks.bench_report import write_results
+
+        table = [{"engine": name, **result[name]} for name in engines]
+        intro = (
+            f"`python -m benchmarks.engine_step_ab {' '.join(sys.argv[1:])}`: CPU ms per call, blocks "
+            f"alternating between the two engines ({args.blocks} blocks of one prefill of {args.batch} x "
+            f"{args.prompt_len} tokens + {args.steps} decode steps), {args.adapters} rank-{args.rank} "
+            f"adapters over {args.batch} rows, `--quantize {args.quantize} --dtype {args.dtype}`."
+        )
+        payload = result | {"command": sys.argv[1:]}
+        write_results(args.out, payload, f"Engine step A/B on {args.base}", intro, table)
 
 
 if __name__ == "__main__":

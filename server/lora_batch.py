@@ -11,7 +11,9 @@ every wrapped linear, so two at once would mix their rows' adapters); every wrap
     y = base(x) + scale[s] * (x @ A[s]) @ B[s]        for each row, with s = that row's slot,
 
 as two batched matmuls over factors gathered by page id (once per batch composition), padded with the
-zero page to the largest rank in the batch: no Python loop over adapters. A DoRA adapter adds, once a
+zero page to the largest rank in the batch, or, in a decode step (one token a row), as two dense matmuls
+over the batch's adapters' pages concatenated, each row masked to its own adapter's columns: no Python
+loop over adapters either way. A DoRA adapter adds, once a
 batch holds one, a per-row rescaling `y * g[s] + shift[s]` (`server.dora`; g = 1 and shift = 0 for every
 other slot), one page per layer. Bottleneck adapters (h + up(act(down(h))) after o_proj / down_proj) use
 the same slot ids and pages of their own (one per unit), on banks created on first use. Boundary: tensors
@@ -62,6 +64,8 @@ class RowContext:
     """(activation, [rows, 1, 1] bool mask of rows using it), one entry per kind present."""
     key: tuple = ()
     """(slots, rank, bank version): identifies gathered factors that can be reused."""
+    adapters_key: tuple = ((), 0)
+    """(the distinct adapter slots in the batch, sorted, bank version): identifies concatenated factors."""
     dora: bool = False
     """Whether any row's slot holds a DoRA adapter (else the rescaling is skipped altogether)."""
 
@@ -272,5 +276,6 @@ class AdapterBanks:
             bottleneck_size=size,
             activations=activations,
             key=(tuple(slots), rank, self.version),
+            adapters_key=(tuple(sorted(s for s in distinct if self.slot_rank[s])), self.version),
             dora=any(self.slot_dora[s] for s in distinct),
         )

@@ -45,17 +45,23 @@ def _lora(rank: int, in_f: int, out_f: int, scale: float) -> AdapterWeights:
     return AdapterWeights(method="lora", lora={"model.layers.0.self_attn.q_proj": module}, rank=rank)
 
 
-def test_rows_get_their_own_adapter_and_slot_zero_gets_none():
+@pytest.mark.parametrize("tokens", [1, 3], ids=["decode", "prefill"])
+def test_rows_get_their_own_adapter_and_slot_zero_gets_none(tokens: int):
+    """Mixed ranks in one batch; decode (one token a row: the batch's adapters concatenated and masked)
+    and prefill (per-row factors padded to the largest rank) both give each row exactly its own delta."""
     model, banks = _model_and_banks()
-    q = model.model.layers[0].self_attn.q_proj
+    attn = model.model.layers[0].self_attn
+    q = attn.q_proj
     adapters = {1: _lora(2, 16, 16, 0.5), 2: _lora(8, 16, 16, 2.0), 3: _lora(4, 16, 16, 1.0)}
     for slot, weights in adapters.items():
         banks.write(slot, weights)
-    x = torch.randn(5, 3, 16)
+    x = torch.randn(5, tokens, 16)
     slots = [1, 0, 2, 3, 2]
     with banks.forward(slots):
         got = q(x)
+        untouched = attn.k_proj(x)  # no row's adapter adapts k_proj
     assert banks.context is None
+    assert torch.equal(untouched, attn.k_proj.base(x))
     for row, slot in enumerate(slots):
         want = q.base(x[row])
         if slot:
