@@ -164,6 +164,35 @@ def evaluate_targets(results: dict[str, Any], system: str = "adapterdock-none") 
     return targets
 
 
+def peer_targets(rows: Sequence[dict[str, Any]], system: str = "adapterdock-none") -> list[dict[str, Any]]:
+    """Issue 17's targets against vLLM CPU and the naive PEFT server, for each C>1 and mix (4, 8) measured."""
+    targets: list[dict[str, Any]] = []
+
+    def add(target: str, value: float | None, floor: float) -> None:
+        targets.append(dict(target=target, value=value, verdict=_verdict(value, (value or 0) >= floor)))
+
+    loads = sorted({row["concurrency"] for row in rows if row["system"] == system and row["concurrency"] > 1})
+    for c in loads:
+        base, v_base = _tps(rows, system, "base", c), _tps(rows, "vllm", "base", c)
+        add(f"base-only / vLLM base-only >= 1.2 (C={c})", _ratio(base, v_base), 1.2)
+        for n in (4, 8):
+            mixed, v_mixed = _tps(rows, system, f"{n} adapters", c), _tps(rows, "vllm", f"{n} adapters", c)
+            if mixed is None:
+                continue
+            add(f"{n} mixed / vLLM {n} mixed >= 2.5 (C={c})", _ratio(mixed, v_mixed), 2.5)
+            add(f"{n} mixed / our base-only >= 0.85 (C={c})", _ratio(mixed, base), 0.85)
+            add(f"moonshot: {n} mixed / vLLM base-only >= 1 (C={c})", _ratio(mixed, v_base), 1.0)
+    if loads:
+        c = loads[-1]
+        naive = _tps(rows, "naive-peft", "8 adapters", c)
+        add(
+            f"8 mixed / naive PEFT 8 mixed >= 6 (C={c})",
+            _ratio(_tps(rows, system, "8 adapters", c), naive),
+            6,
+        )
+    return targets
+
+
 def targets_table(targets: Sequence[dict[str, Any]]) -> str:
     return markdown_table(targets, (("target", "target"), ("value", "measured"), ("verdict", "verdict")))
 

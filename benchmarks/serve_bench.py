@@ -45,7 +45,7 @@ from hub.store import LocalStore
 logger = logging.getLogger("serve_bench")
 REPO = Path(__file__).resolve().parents[1]
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SCENARIOS = {"base": 0, "1": 1, "8": 8, "16": 16, "64": 64}
+SCENARIOS = {"base": 0, "1": 1, "4": 4, "8": 8, "16": 16, "64": 64}
 
 
 def scenario_label(num_adapters: int, cache: int) -> str:
@@ -311,8 +311,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our compute dtypes, each run with every --quantize (auto: bf16 on CPUs with avx512_bf16/AMX)",
     )  # fmt: skip
     parser.add_argument("--scenarios", nargs="+", default=["base", "1", "8", "64"], choices=list(SCENARIOS))
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=16, help="requests per scenario at --concurrency")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[16], help="C>1 loads (naive PEFT: the largest only)"
+    )
+    parser.add_argument(
+        "--requests", type=int, default=16, help="requests per scenario at each --concurrency"
+    )
     parser.add_argument(
         "--requests-c1", type=int, default=2, help="requests per scenario at C=1 (0: skip C=1)"
     )
@@ -487,7 +491,7 @@ class Bench:
                     self.work.prompts,
                     args.out / f"{args.name}_profile",
                     requests=args.requests,
-                    concurrency=args.concurrency,
+                    concurrency=max(args.concurrency),
                     new_tokens=self.work.new_tokens,
                     duration_s=self.work.time_limit_s,
                     request_timeout_s=self.work.request_timeout_s,
@@ -533,16 +537,17 @@ def run_all(
 ) -> None:
     """Every system in turn (adapterdock per quantization, naive PEFT, vLLM), then the extra measurements."""
     bench = prepare(args, workdir, results, budget)
-    plan = {args.concurrency: args.requests, **({1: args.requests_c1} if args.requests_c1 else {})}
+    plan = {c: args.requests for c in args.concurrency} | ({1: args.requests_c1} if args.requests_c1 else {})
+    top = max(args.concurrency)
     for quantize in args.quantize:
         for dtype in args.dtype:
             bench.measure(bench.adapterdock(quantize, dtype), args.scenarios, plan)
     if args.naive_requests:
         naive = bench.peer("naive-peft", args.naive_scenarios)
-        bench.measure(naive, args.naive_scenarios, {args.concurrency: args.naive_requests})
+        bench.measure(naive, args.naive_scenarios, {top: args.naive_requests})
     if args.peer_vllm:
         vllm = bench.peer("vllm", args.vllm_scenarios)
-        bench.measure(vllm, args.vllm_scenarios, {args.concurrency: args.vllm_requests})
+        bench.measure(vllm, args.vllm_scenarios, {c: args.vllm_requests for c in args.concurrency})
     if args.cold_loads or args.cycle or args.py_spy:
         bench.extras()
 
@@ -551,6 +556,7 @@ def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """serve_bench.json (raw runs, the per-scenario summary, targets), .md (tables) and .png (plot)."""
     results["summary"] = bench_report.aggregate(results["runs"])
     results["targets"] = bench_report.evaluate_targets({**results, "runs": results["summary"]})
+    results["targets"] += bench_report.peer_targets(results["summary"])
     stem = args.out / args.name
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     meta = results["meta"]
@@ -573,8 +579,11 @@ def write_results(args: argparse.Namespace, results: dict[str, Any]) -> None:
             (("function", "function"), ("share", "share of samples")),
         ))  # fmt: skip
     stem.with_suffix(".md").write_text("\n".join(md))
-    if results["summary"]:
-        bench_report.plot_throughput(results["summary"], stem.with_suffix(".png"), args.concurrency)
+    for concurrency in args.concurrency if results["summary"] else []:  # the largest C: the plain .png
+        suffix = "" if concurrency == max(args.concurrency) else f"_c{concurrency}"
+        bench_report.plot_throughput(
+            results["summary"], stem.parent / f"{stem.name}{suffix}.png", concurrency
+        )
     logger.info("wrote %s.{json,md,png}", stem)
 
 

@@ -146,6 +146,28 @@ def test_targets_verdicts_from_results() -> None:
     json.dumps(targets)  # the results file must serialise
 
 
+def test_peer_targets_per_load_and_mix() -> None:
+    runs = [
+        _row("adapterdock-none", "base", 0, 120.0, c=8),
+        _row("adapterdock-none", "4 adapters", 4, 110.0, c=8),
+        _row("vllm", "base", 0, 100.0, c=8),
+        _row("vllm", "4 adapters", 4, 40.0, c=8),
+        _row("naive-peft", "8 adapters", 8, 10.0, c=8),
+    ]
+    targets = {t["target"]: t for t in bench_report.peer_targets(runs)}
+    assert targets["base-only / vLLM base-only >= 1.2 (C=8)"] == {
+        "target": "base-only / vLLM base-only >= 1.2 (C=8)",
+        "value": 1.2,
+        "verdict": "met",
+    }
+    assert targets["4 mixed / vLLM 4 mixed >= 2.5 (C=8)"]["value"] == pytest.approx(2.75)
+    assert targets["4 mixed / our base-only >= 0.85 (C=8)"]["verdict"] == "met"
+    assert targets["moonshot: 4 mixed / vLLM base-only >= 1 (C=8)"]["verdict"] == "met"
+    assert targets["8 mixed / naive PEFT 8 mixed >= 6 (C=8)"]["verdict"] == "not measured"  # no 8-mix row
+    assert not any("(C=16)" in name for name in targets)
+    assert bench_report.peer_targets([]) == []
+
+
 def test_aggregate_takes_medians_over_repeats_and_sums_counts() -> None:
     runs = [
         {**_row("s", "base", 0, 10.0), "repeat": 0, "ttft_p50_ms": 100.0, "peak_rss_mib": 500.0},
