@@ -93,10 +93,9 @@ class PagePool:
     def _grow(self, extra: int) -> None:
         start = self.capacity + 1
         for name, old in list(self.tensors.items()):
-            new = torch.full(
-                (start + extra, old.shape[1]), self.fills[name], dtype=old.dtype, device=old.device
-            )
+            new = torch.empty((start + extra, old.shape[1]), dtype=old.dtype, device=old.device)
             new[:start].copy_(old)
+            new[start:].fill_(self.fills[name])
             self.tensors[name] = new  # a running forward keeps reading `old`: same values for its rows
         self._free += list(range(start, start + extra))
 

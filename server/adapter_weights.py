@@ -88,20 +88,32 @@ def read_tensors(path: Path, infos: dict[str, TensorInfo], data_start: int) -> d
         CorruptAdapterError: a tensor is truncated or holds NaN or infinite values.
     """
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb") as handle:
-        for name, info in infos.items():
-            handle.seek(data_start + info.begin)
-            buf = bytearray(handle.read(info.end - info.begin))
-            if len(buf) != info.end - info.begin:
-                raise CorruptAdapterError(f"{path}: tensor {name!r} is truncated.", REEXPORT)
-            dtype = TORCH_DTYPES[info.dtype]
-            flat = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
-            if not bool(torch.isfinite(flat).all()):
-                raise CorruptAdapterError(
-                    f"{path}: tensor {name!r} holds NaN or infinite (non-finite) values.",
-                    "The training run diverged or the file is damaged; retrain or re-export the adapter.",
-                )
-            tensors[name] = flat.reshape(info.shape)
+    start = min((info.begin for info in infos.values()), default=0)
+    end = max((info.end for info in infos.values()), default=0)
+    with open(path, "rb") as handle:  # one read of the data region, not one per tensor
+        handle.seek(data_start + start)
+        data = bytearray(end - start)
+        got = handle.readinto(data)  # straight into the buffer the tensors view: no second copy
+    if got < len(data):
+        del data[got:]
+    for name, info in infos.items():
+        if info.end - start > len(data):
+            raise CorruptAdapterError(f"{path}: tensor {name!r} is truncated.", REEXPORT)
+        dtype = TORCH_DTYPES[info.dtype]
+        count = (info.end - info.begin) // dtype.itemsize
+        flat = (
+            torch.frombuffer(data, dtype=dtype, count=count, offset=info.begin - start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        # A finite sum proves every value finite (a NaN or inf would carry into it), in one cheap op;
+        # only a non-finite sum (possibly an overflow of finite values) needs the element-wise check.
+        if not bool(torch.isfinite(flat.sum())) and not bool(torch.isfinite(flat).all()):
+            raise CorruptAdapterError(
+                f"{path}: tensor {name!r} holds NaN or infinite (non-finite) values.",
+                "The training run diverged or the file is damaged; retrain or re-export the adapter.",
+            )
+        tensors[name] = flat.reshape(info.shape)
     return tensors
 
 
