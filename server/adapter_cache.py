@@ -5,8 +5,10 @@ Boundary: bookkeeping over opaque adapters, keyed by the immutable `name@version
 event loop, and knows nothing about HTTP, manifests or tensors.
 
 Guarantees:
-- bounded by count (`max_adapters`) and, optionally, bytes (`max_bytes`), evicting the least recently used
-  idle, unpinned adapter first;
+- bounded by count (`max_adapters`) and, optionally, bytes: `max_bytes` (--max-adapter-memory) and the
+  memory budget shared with the KV cache (`ledger`, `server.memory_ledger`: adapters may take what the KV
+  cache has not allocated or claimed), evicting the least recently used idle, unpinned adapter first;
+- the KV cache has priority: `evict_idle`, the ledger's reclaimer, evicts idle adapters LRU for it;
 - an adapter leased by an in-flight request (`acquire` ... `release`) is never evicted; pinned ones neither;
 - pins never take every slot: at most `max_adapters - 1` adapters are pinned (`PinLimitError` beyond), so
   requests for unpinned adapters always have a slot to wait for;
@@ -16,7 +18,8 @@ Guarantees:
   then fail with `AdapterBusyError`;
 - a failed load (a corrupt adapter) is never cached.
 
-All methods run on one event loop; state changes happen between awaits, so no lock is needed.
+All methods run on one event loop; state changes happen between awaits, so no lock is needed (the ledger,
+shared with the engine's worker thread, has its own).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeError, PinLimitError
+from server.memory_ledger import ADAPTERS, MemoryLedger
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +79,9 @@ class AdapterCache:
     Args:
         unload: blocking callable that frees an adapter's slot (run on a worker thread).
         max_adapters: most adapters resident (or loading) at once.
-        max_bytes: most bytes of resident adapters; None for no byte limit.
+        max_bytes: most bytes of resident adapters; None for no byte limit of their own.
         wait_timeout: seconds a load waits for a slot when all are pinned or in use.
+        ledger: the memory budget shared with the KV cache, charged with the resident and reserved bytes.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class AdapterCache:
         max_adapters: int,
         max_bytes: int | None = None,
         wait_timeout: float = 30.0,
+        ledger: MemoryLedger | None = None,
     ) -> None:
         if max_adapters < 1:
             raise ValueError("max_adapters must be at least 1")
@@ -93,6 +99,7 @@ class AdapterCache:
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
         self.wait_timeout = wait_timeout
+        self.ledger = ledger
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
         self._loading: dict[str, _Loading] = {}
         self._waiters: deque[_Waiter] = deque()
@@ -219,9 +226,31 @@ class AdapterCache:
             raise AdapterInUseError(f"Adapter {key} is in use by {entry.leases} in-flight request(s).")
         del self._entries[key]
         await asyncio.to_thread(self._unload, entry.adapter)
+        self._sync()
         logger.info("unloaded adapter %s on request", key)
         self._wake_head()
         return True
+
+    async def evict_idle(self, nbytes: int) -> int:
+        """Evict idle, unpinned adapters, least recently used first, until `nbytes` are freed or none is
+        left (the KV cache asks, through the ledger, before sequences wait); -> bytes freed."""
+        freed = 0
+        for victim in [e for e in self._entries.values() if e.leases == 0 and not e.pinned]:
+            if freed >= nbytes:
+                break
+            if not self._evictable(victim):  # leased, pinned or gone while an earlier one unloaded
+                continue
+            del self._entries[victim.key]
+            freed += victim.nbytes
+            await asyncio.to_thread(self._unload, victim.adapter)
+            self._sync()
+            self._stats["evictions"] += 1
+            logger.info("evicted adapter %s (least recently used) to make room for the KV cache", victim.key)
+        return freed
+
+    def notify_room(self) -> None:
+        """Let the first waiting load look for room again (the ledger calls it when bytes free up)."""
+        self._wake_head()
 
     # ---- views ---------------------------------------------------------------------------------
     def get(self, key: str) -> CacheEntry | None:
@@ -251,7 +280,7 @@ class AdapterCache:
 
     # ---- internals -----------------------------------------------------------------------------
     async def _load(self, key: str, record: _Loading, load: Callable[[], Any]) -> CacheEntry:
-        reserved = False
+        reserved = landed = False
         try:
             record.nbytes = self._room_for(key, record.nbytes)
             victims = await self._reserve(key, record.nbytes)
@@ -264,6 +293,7 @@ class AdapterCache:
             adapter = await asyncio.to_thread(load)
             seconds = time.perf_counter() - started
             await self._check_fits(key, adapter)
+            landed = True
         except BaseException as exc:
             self._stats["load_failures"] += 1
             logger.info("refused adapter %s: %s", key, exc)
@@ -273,6 +303,8 @@ class AdapterCache:
                 self._reserved_slots -= 1
                 self._reserved_bytes -= record.nbytes
             self._loading.pop(key, None)
+            if not landed:
+                self._sync()  # on success, once the entry replaces its reservation (no gap between)
             self._wake_head()
         entry = CacheEntry(
             key=key,
@@ -282,6 +314,7 @@ class AdapterCache:
             leases=record.waiters,
         )
         self._entries[key] = entry
+        self._sync()
         await self._trim(key)
         self._stats["loads"] += 1
         self._stats["load_seconds_total"] += seconds
@@ -294,14 +327,15 @@ class AdapterCache:
         Raises:
             AdapterTooLargeError: even at `HINT_SLACK` times smaller than its hint it would not fit.
         """
-        if self.max_bytes is None:
+        ceiling = self._ceiling()
+        if ceiling is None:
             return hint
-        if hint > self.max_bytes * HINT_SLACK:
+        if hint > ceiling * HINT_SLACK:
             raise AdapterTooLargeError(
-                f"Adapter {key} needs about {hint / 2**20:.1f} MiB; the adapters' share of the memory "
-                f"budget is {self.max_bytes / 2**20:.1f} MiB, so it can never be loaded."
+                f"Adapter {key} needs about {hint / 2**20:.1f} MiB; adapters may take at most "
+                f"{ceiling / 2**20:.1f} MiB{self._ceiling_source()}, so it can never be loaded."
             )
-        return min(hint, self.max_bytes)  # its real size, checked once loaded, may be smaller
+        return min(hint, ceiling)  # its real size, checked once loaded, may be smaller
 
     async def _reserve(self, key: str, nbytes: int) -> list[CacheEntry]:
         """Claim a slot (and bytes) for a load, evicting idle entries; wait FIFO when none can go."""
@@ -322,9 +356,7 @@ class AdapterCache:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     raise AdapterBusyError(
-                        f"No room for {key} freed up within {self.wait_timeout:g}s: the "
-                        f"{self.max_adapters} adapter slots{self._bytes_held()} are held by adapters "
-                        "pinned or serving requests."
+                        f"No room for {key} freed up within {self.wait_timeout:g}s: {self._held()}."
                     )
                 waiter.event.clear()
                 try:
@@ -338,18 +370,19 @@ class AdapterCache:
     def _try_reserve(self, nbytes: int) -> list[CacheEntry] | None:
         """Reserve room now, returning the entries to evict (already removed), or None if it cannot."""
         count = len(self._entries) + self._reserved_slots
-        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+        used = self._used()
+        limit = self._limit()
         idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned]
         victims: list[CacheEntry] = []
-        while count + 1 > self.max_adapters or (
-            self.max_bytes is not None and used + nbytes > self.max_bytes
-        ):
+        while count + 1 > self.max_adapters or (limit is not None and used + nbytes > limit):
             if not idle:
                 return None
             victim = idle.pop(0)
             victims.append(victim)
             count -= 1
             used -= victim.nbytes
+        if self.ledger is not None and not self.ledger.try_set(ADAPTERS, used + nbytes):
+            return None  # the KV cache took the room meanwhile (another thread): wait for some to free
         for victim in victims:
             del self._entries[victim.key]
         self._reserved_slots += 1
@@ -359,31 +392,74 @@ class AdapterCache:
     async def _check_fits(self, key: str, adapter: Any) -> None:
         """Refuse (and unload) an adapter whose real size, known once loaded, exceeds the whole bound."""
         nbytes = int(getattr(adapter, "nbytes", 0) or 0)
-        if self.max_bytes is not None and nbytes > self.max_bytes:
+        ceiling = self._ceiling()
+        if ceiling is not None and nbytes > ceiling:
             await asyncio.to_thread(self._unload, adapter)
             raise AdapterTooLargeError(
-                f"Adapter {key} takes {nbytes / 2**20:.1f} MiB loaded; the adapters' share of the memory "
-                f"budget is {self.max_bytes / 2**20:.1f} MiB, so it can never stay resident."
+                f"Adapter {key} takes {nbytes / 2**20:.1f} MiB loaded; adapters may take at most "
+                f"{ceiling / 2**20:.1f} MiB{self._ceiling_source()}, so it can never stay resident."
             )
 
-    def _bytes_held(self) -> str:
+    def _evictable(self, entry: CacheEntry) -> bool:
+        """Still resident, idle and unpinned (a list of victims may be stale after an await)."""
+        return self._entries.get(entry.key) is entry and entry.leases == 0 and not entry.pinned
+
+    def _used(self) -> int:
+        """Bytes of resident adapters plus what loads in progress reserved."""
+        return sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+
+    def _sync(self) -> None:
+        """Record the adapters' bytes in the shared ledger (a fact: they are held already)."""
+        if self.ledger is not None:
+            self.ledger.set(ADAPTERS, self._used())
+
+    def _limit(self) -> int | None:
+        """Bytes adapters may hold now: `max_bytes`, and what the KV cache leaves of the budget."""
+        limits = [self.max_bytes, self.ledger.room(ADAPTERS) if self.ledger is not None else None]
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def _ceiling(self) -> int | None:
+        """Bytes adapters could ever hold: `max_bytes`, and the whole budget (with the KV cache empty)."""
+        limits = [self.max_bytes, self.ledger.budget if self.ledger is not None else None]
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def _ceiling_source(self) -> str:
+        if self.max_bytes is not None and self.max_bytes == self._ceiling():
+            return " (--max-adapter-memory)"
+        return " (the whole memory budget)"
+
+    def _held(self) -> str:
+        """What holds the slots and bytes a load waits for, in words."""
+        slots = f"the {self.max_adapters} adapter slots"
+        pinned_or_used = "are held by adapters pinned or serving requests"
+        if self.ledger is not None:
+            return (
+                f"{slots} or the memory budget {pinned_or_used} and by the KV cache of running sequences "
+                f"({self.ledger.describe()})"
+            )
         if self.max_bytes is None:
-            return ""
-        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
-        return f" or the adapter memory ({used / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB)"
+            return f"{slots} {pinned_or_used}"
+        held = f"{self._used() / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB"
+        return f"{slots} or the adapter memory ({held}) {pinned_or_used}"
 
     async def _trim(self, loaded: str) -> None:
         """Evict idle LRU entries while the resident bytes exceed the bound: a load's real size (known
         once loaded) may exceed the hint it reserved room with."""
-        if self.max_bytes is None:
+        limit = self._limit()
+        if limit is None:
             return
-        used = sum(e.nbytes for e in self._entries.values()) + self._reserved_bytes
+        used = self._used()
         idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned and e.key != loaded]
-        while used > self.max_bytes and idle:
+        while used > limit and idle:
             victim = idle.pop(0)
+            if not self._evictable(victim):  # leased, pinned or gone while an earlier one unloaded
+                continue
             del self._entries[victim.key]
             used -= victim.nbytes
             await asyncio.to_thread(self._unload, victim.adapter)
+            self._sync()
             self._stats["evictions"] += 1
             logger.info(
                 "evicted adapter %s (least recently used) to stay within the memory budget", victim.key
@@ -397,6 +473,7 @@ class AdapterCache:
             )
         del self._entries[entry.key]
         await asyncio.to_thread(self._unload, entry.adapter)
+        self._sync()
         logger.info("evicted adapter %s: its registered files changed", entry.key)
         self._wake_head()
 

@@ -24,6 +24,7 @@ from server.adapter_cache import AdapterCache
 from server.config import ServerConfig
 from server.errors import install_error_handlers
 from server.feedback import routes as feedback
+from server.memory_ledger import MemoryLedger
 from server.metrics import Metrics
 from server.middleware import (
     AccessMiddleware,
@@ -112,12 +113,26 @@ def create_app(
     return app
 
 
-def _adapter_bytes(config: ServerConfig, engine: object) -> int | None:
-    """The adapter cache's byte bound: the engine's share of the memory budget, or --max-adapter-memory
-    when that is lower."""
-    limits = [config.max_adapter_bytes, getattr(getattr(engine, "memory", None), "adapter_bytes", None)]
-    known = [limit for limit in limits if limit is not None]
-    return min(known) if known else None
+def _share_budget(state: ServerState) -> None:
+    """Let the KV cache reclaim idle adapters' bytes (the cache evicts on this loop, the worker thread
+    gets a future) and wake waiting adapter loads when the KV cache frees bytes; undone at shutdown."""
+    ledger: MemoryLedger | None = getattr(state.engine, "ledger", None)
+    cache = state.cache
+    if ledger is None or cache is None:
+        return
+    loop = asyncio.get_running_loop()
+
+    def notify() -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(cache.notify_room)
+
+    def unshare() -> None:
+        ledger.off_free(notify)
+        ledger.reclaimer = None
+
+    ledger.on_free(notify)
+    ledger.reclaimer = lambda nbytes: asyncio.run_coroutine_threadsafe(cache.evict_idle(nbytes), loop)
+    state.closers.append(unshare)
 
 
 async def _start(
@@ -155,9 +170,11 @@ async def _start(
     state.cache = AdapterCache(
         state.engine.unload_adapter,
         max_adapters=config.max_adapters,
-        max_bytes=_adapter_bytes(config, state.engine),
+        max_bytes=config.max_adapter_bytes,
         wait_timeout=config.adapter_wait_timeout,
+        ledger=getattr(state.engine, "ledger", None),
     )
+    _share_budget(state)
     state.metrics.bind(cache=state.cache, scheduler=state.scheduler, engine=state.engine)
     for ref in config.preload:
         resolved = await asyncio.to_thread(state.resolver.resolve, ref)
@@ -171,4 +188,7 @@ async def _stop(state: ServerState) -> None:
     state.ready = False
     if state.scheduler is not None:
         await state.scheduler.stop(drain_timeout=DRAIN_SECONDS)
+    for close in state.closers:
+        close()
+    state.closers.clear()
     logger.info("server stopped")

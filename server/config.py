@@ -60,9 +60,9 @@ class ServerConfig:
     max_rank: int = 64
     """Highest LoRA rank the engine accepts."""
     memory_budget_mb: float | None = None
-    """MiB for adapter weights and the KV cache together (the KV cache takes at most half; adapters are
-    evicted LRU by their real size to stay within the rest); None: half the memory free after the base
-    loads."""
+    """MiB for adapter weights and the KV cache together, one budget with no fixed split (either may use
+    what the other has not taken; idle adapters are evicted LRU by their real size before sequences wait);
+    None: half the memory free after the base loads."""
     preload: tuple[str, ...] = ()
     """Adapter references loaded (and pinned) at start; a failure stops the start."""
     api_key: str | None = field(default=None, repr=False)

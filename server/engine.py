@@ -5,7 +5,10 @@ fused qkv), MLP and lm_head are transformers' modules for that architecture, so 
 and each family's details (biases, q/k norms, scaled embeddings, sliding windows, soft-capping) just
 work; `lora_batch` adds each row's adapter inside the wrapped linears, and `server.attention` plugs our
 cache into every attention call. The KV cache (`server.kv_cache`) grows as sequences need it, up to the
-rows the memory budget holds (`server.memory_budget`, shared with the adapters' rank-sized pages); each
+rows the memory budget holds (`server.memory_budget`); what it allocates is charged to the budget it
+shares with the adapters' rank-sized pages (`server.memory_ledger`): `make_room` grows it, before a
+prefill, to every admitted sequence's full length (prompt + max new tokens), so a running sequence never
+needs memory the budget may no longer have, and the cache is freed when no sequence runs. Each
 row has its own length and positions, so sequences at different points of their generation decode in
 one step. Active rows are kept packed at the front of the cache (a finished row is replaced by the last
 one), so a decode step reads plain views, never a gather of the cache. Only the architectures of
@@ -39,11 +42,12 @@ from server.attention import (
     register_attention,
     skip_training_wrappers,
 )
-from server.errors import EngineCapacityError, SequenceTooLongError
+from server.errors import EngineCapacityError, MemoryBudgetError, SequenceTooLongError
 from server.heads import Head
 from server.kv_cache import KVCache
 from server.lora_batch import AdapterBanks
 from server.memory_budget import format_report, plan_memory, process_rss
+from server.memory_ledger import KV, MemoryLedger
 from server.model_loader import load_base
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,8 @@ class _Row:
     slot: int
     length: int
     """Tokens in the cache for this row."""
+    reserve: int
+    """Tokens the row may reach (prompt + max new tokens): the cache holds them from its prefill on."""
 
 
 class Engine:
@@ -111,7 +117,7 @@ class Engine:
             max_seq_len: prompt + generated tokens per sequence.
             memory_budget_mb: MiB for adapter pages + KV cache (`server.memory_budget`); None derives it
                 from the memory free after the base loads. The KV cache may then hold fewer rows than
-                `max_batch_size` (logged), and `memory.adapter_bytes` bounds the adapter cache.
+                `max_batch_size` (logged); `ledger` is the budget adapters and the KV cache share.
 
         Raises:
             ServerConfigError: the budget cannot hold the KV cache of one full-length sequence.
@@ -148,7 +154,7 @@ class Engine:
         self._warm_up()
         logger.info(
             "engine ready: %s compute, %d adapter slots, KV cache up to %d rows x %d tokens (%.1f MiB); "
-            "memory budget %.0f MiB%s: %.0f MiB for adapters, %.0f MiB for the KV cache",
+            "memory budget %.0f MiB%s, shared by adapters and the KV cache",
             str(self.dtype).removeprefix("torch."),
             max_adapters,
             self.max_batch_size,
@@ -156,8 +162,6 @@ class Engine:
             self.kv.max_nbytes / 2**20,
             self.memory.budget / 2**20,
             " (derived: half the free memory)" if self.memory.derived else "",
-            self.memory.adapter_bytes / 2**20,
-            self.memory.kv_max_bytes / 2**20,
         )
         logger.info("engine memory: %s", format_report(self.memory_report()))
 
@@ -256,7 +260,7 @@ class Engine:
 
     # ---- KV cache bookkeeping --------------------------------------------------------------------
     def _init_cache(self, memory_budget_mb: float | None) -> None:
-        """Split the memory budget and create the (empty, grown by use) KV cache."""
+        """Size the memory budget, open its ledger and create the (empty, grown by use) KV cache."""
         cfg = self.config
         head_dim = self.model.base_model.layers[0].self_attn.head_dim  # the model's own, not re-derived
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -278,7 +282,8 @@ class Engine:
                 self.max_batch_size,
             )
         self.max_batch_size = self.memory.kv_rows
-        self.banks.byte_limit = self.memory.adapter_bytes
+        self.ledger = MemoryLedger(self.memory.budget)
+        self.banks.byte_limit = self.memory.budget
         self.kv = KVCache(
             layers=layers,
             kv_heads=self.num_kv_heads,
@@ -299,18 +304,21 @@ class Engine:
         return self.kv.v
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes by part: base weights, adapters (in use, allocated, free in the budget), KV cache (in use,
-        allocated, free in its share), the budget and the process RSS. Cheap; safe from any thread."""
+        """Bytes by part: base weights, adapters (in use, allocated), KV cache (in use, allocated), what
+        either may still take of the shared budget (`*_free`: the budget less everything charged to the
+        ledger; the KV cache's also capped by its ceiling), the budget and the process RSS. Cheap; safe
+        from any thread."""
         adapters_used = self.banks.used_bytes + sum(h.nbytes for h in list(self._heads.values()))
         kv_used = sum(row.length for row in list(self._rows)) * self.kv.bytes_per_token
+        free = max(self.ledger.free, 0)
         return {
             "base_bytes": int(self.memory_footprint),
             "adapter_bytes_in_use": adapters_used,
             "adapter_bytes_allocated": self.banks.nbytes,
-            "adapter_bytes_free": max(self.memory.adapter_bytes - adapters_used, 0),
+            "adapter_bytes_free": free,
             "kv_bytes_in_use": kv_used,
             "kv_bytes_allocated": self.kv.nbytes,
-            "kv_bytes_free": max(self.memory.kv_max_bytes - kv_used, 0),
+            "kv_bytes_free": min(free, max(self.kv.max_nbytes - self.kv.nbytes, 0)),
             "budget_bytes": self.memory.budget,
             "rss_bytes": process_rss(),
         }
@@ -324,8 +332,51 @@ class Engine:
     def free_rows(self) -> int:
         return self.max_batch_size - len(self._rows)
 
+    def make_room(self, reserves: list[int]) -> int:
+        """Grow the KV cache so the live rows and one new row per entry of `reserves` (the tokens each may
+        reach) all fit, charging the shared budget. The scheduler calls it before `prefill`; worker only.
+
+        Returns:
+            0 when the cache holds them now. Else the bytes the budget is short: nothing changed, and the
+            ledger keeps the room claimed (adapter loads will not take it) until a later call succeeds.
+        """
+        rows = len(self._rows) + len(reserves)
+        length = max([row.reserve for row in self._rows] + list(reserves))
+        live = len(self._rows), max((row.length for row in self._rows), default=0)
+        for tight in (False, True):  # the usual growth slack if the budget has it, else exactly the need
+            shape = self.kv.shape_for(rows, length, tight=tight)
+            if shape == self.kv.shape or self.ledger.try_set(KV, self.kv.shape_bytes(shape)):
+                self._resize_cache(shape, live)
+                return 0
+        need = self.kv.shape_bytes(shape)
+        self.ledger.want_kv(need)
+        return need - self.ledger.room(KV)
+
+    def _resize_cache(self, shape: tuple[int, int], live: tuple[int, int]) -> None:
+        """Reallocate the KV cache as charged; a device that has less free than the budget assumed
+        refuses the admission (the old cache, and the rows in it, are kept)."""
+        try:
+            self.kv.resize(shape, *live)
+        except torch.OutOfMemoryError as exc:
+            raise MemoryBudgetError(
+                f"The device ran out of memory growing the KV cache to "
+                f"{self.kv.shape_bytes(shape) / 2**20:.1f} MiB inside the "
+                f"{self.memory.budget / 2**20:.0f} MiB memory budget: something else holds device memory.",
+                "Lower --memory-budget (or free the device), or lower --max-batch-size or the context.",
+            ) from exc
+        finally:
+            self._charge_kv()
+            self.ledger.want_kv(0)
+
+    def _charge_kv(self) -> None:
+        """Record the KV cache's allocation in the ledger; the adapter pools, near what is left, grow by
+        exactly what a load needs (`AdapterBanks.byte_limit`)."""
+        self.ledger.set(KV, self.kv.nbytes)
+        self.banks.byte_limit = self.memory.budget - self.kv.nbytes
+
     def release(self, seq_id: int) -> None:
-        """Drop a sequence from the cache (no-op if absent); the last row moves into its place."""
+        """Drop a sequence from the cache (no-op if absent); the last row moves into its place. The last
+        one frees the cache: idle KV memory goes back to the budget adapters share."""
         index = next((i for i, row in enumerate(self._rows) if row.seq_id == seq_id), None)
         if index is None:
             return
@@ -334,11 +385,23 @@ class Engine:
             self.kv.move_row(last, index, self._rows[last].length)
             self._rows[index] = self._rows[last]
         self._rows.pop()
+        if not self._rows:
+            self.kv.clear()
+            self._charge_kv()
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, seq_ids: list[int], prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+    def prefill(
+        self,
+        seq_ids: list[int],
+        prompts: list[list[int]],
+        slots: list[int],
+        reserves: list[int] | None = None,
+    ) -> torch.Tensor:
         """Add sequences to the cache and run their prompts (padded into one batch).
+
+        Args:
+            reserves: tokens each sequence may reach, as given to `make_room` (default: its prompt).
 
         Returns:
             [len(prompts), vocab] fp32 logits of each prompt's last token.
@@ -356,8 +419,9 @@ class Engine:
         self._grow_cache(start + len(prompts), ids.shape[1])
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         hidden = self._forward(ids, positions, lengths, slots, cache_rows=(start, len(prompts)))
-        for seq_id, slot, prompt in zip(seq_ids, slots, prompts, strict=True):
-            self._rows.append(_Row(seq_id=seq_id, slot=slot, length=len(prompt)))
+        reserves = reserves or [len(p) for p in prompts]
+        for seq_id, slot, prompt, reserve in zip(seq_ids, slots, prompts, reserves, strict=True):
+            self._rows.append(_Row(seq_id, slot, length=len(prompt), reserve=max(reserve, len(prompt))))
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
         return self._logits(last)
 
@@ -379,6 +443,7 @@ class Engine:
         hidden = self._forward(ids, positions, positions[:, 0] + 1, [r.slot for r in rows], decoding=True)
         for row in rows:
             row.length += 1
+            row.reserve = max(row.reserve, row.length)
         return self._logits(hidden[:, -1])
 
     @torch.inference_mode()
@@ -396,9 +461,11 @@ class Engine:
         return [hidden[i, : len(p)] for i, p in enumerate(prompts)]
 
     def _grow_cache(self, rows: int, length: int) -> None:
-        """Make the KV cache hold `rows` rows of `length` tokens (the live rows are kept)."""
+        """Make the KV cache hold `rows` rows of `length` tokens (the live rows are kept). A no-op after
+        `make_room`; a caller that skipped it (tests, warm-up) is charged as a fact, not refused."""
         live_len = max((row.length for row in self._rows), default=0)
         self.kv.ensure(rows, length, len(self._rows), live_len)
+        self._charge_kv()
 
     def _check_length(self, n: int) -> None:
         if n < 1 or n > self.max_seq_len:

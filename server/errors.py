@@ -105,9 +105,19 @@ class ForbiddenError(AdapterDockError, PermissionError):
 
 
 class AdapterTooLargeError(AdapterDockError, MemoryError):
-    """One adapter larger than the adapters' whole share of the memory budget: it can never load."""
+    """One adapter larger than the whole memory budget (or --max-adapter-memory): it can never load."""
 
     default_remedy = "Start the server with a larger --memory-budget (or --max-adapter-memory, if set)."
+
+
+class MemoryBudgetError(AdapterDockError, MemoryError):
+    """A sequence whose KV cache the memory budget cannot hold, even with every idle adapter evicted and
+    no other sequence running: the rest is held by pinned adapters or adapters other requests use."""
+
+    default_remedy = (
+        "Raise --memory-budget, lower --max-batch-size or the context (--max-input-tokens / "
+        "--max-new-tokens, or this request's max_tokens), or unpin adapters."
+    )
 
 
 class HubNotConfiguredError(AdapterDockError, LookupError):
@@ -231,6 +241,7 @@ _SPECS: dict[type[BaseException], ErrorSpec] = {
     QueueFullError: ErrorSpec(503, "queue_full", "server_overloaded", retry_after=1),
     SchedulerStoppedError: ErrorSpec(503, "not_ready", "server_overloaded", retry_after=2),
     EngineCapacityError: ErrorSpec(503, "engine_full", "server_overloaded", retry_after=1),
+    MemoryBudgetError: ErrorSpec(503, "memory_budget_full", "server_overloaded", retry_after=1),
     SequenceTooLongError: ErrorSpec(400, "input_too_long"),
     NonFiniteOutputError: ErrorSpec(422, "non_finite_output"),
 }

@@ -1,12 +1,11 @@
-"""One memory budget for what the engine allocates beside the base: adapter pages and the KV cache.
+"""The memory budget for what the engine allocates beside the base: adapter pages and the KV cache.
 
 `--memory-budget MIB` (default: `DEFAULT_FRACTION` of the memory available once the base is loaded: free
-RAM on a CPU, free device memory on a GPU) is split once at start. The KV cache gets at most
-`KV_SHARE` of it: as many rows of `max_seq_len` tokens as fit there, up to `--max-batch-size` (the cache
-then grows by use up to that ceiling, `server.kv_cache`). Adapters get the rest: the adapter cache evicts
-idle, unpinned adapters LRU by their real bytes (rank-sized pages, `server.adapter_pages`) before a load,
-and refuses one that could never fit with `AdapterTooLargeError` (413). A budget that cannot hold one
-row of KV stops the start with a `ServerConfigError` naming the remedy.
+RAM on a CPU, free device memory on a GPU) is ONE budget shared by adapter weights and the KV cache, with
+no fixed split: `server.memory_ledger` holds what each has charged, and either may take what the other has
+not. The KV cache has a hard ceiling of its own, fixed here: as many rows of `max_seq_len` tokens as the
+whole budget holds, up to `--max-batch-size` (the cache grows by use up to it, `server.kv_cache`). A budget
+that cannot hold one row of KV stops the start with a `ServerConfigError` naming the remedy.
 
 Also the memory report by part (base, adapters, KV, process RSS) that the start-up log, `GET /v1/adapters`
 and `/metrics` show. Boundary: arithmetic and OS readings; no tensors are allocated here.
@@ -23,27 +22,21 @@ from server.errors import ServerConfigError
 DEFAULT_FRACTION = 0.5
 """Share of the memory available after the base loads that the default budget takes (the rest is left
 for activations, the Python heap and other processes)."""
-KV_SHARE = 0.5
-"""Most of the budget the KV cache may take; adapters always keep the other half at least."""
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """How the budget is split."""
+    """The budget and the KV cache's ceiling within it."""
 
     budget: int
     """Bytes for adapters + KV cache."""
     derived: bool
     """True when the budget was derived from the machine (no --memory-budget)."""
     kv_rows: int
-    """Rows (sequences at once) the KV cache may grow to: min(--max-batch-size, what the KV share holds)."""
+    """Rows (sequences at once) the KV cache may grow to: min(--max-batch-size, what the budget holds)."""
     kv_max_bytes: int
-    """Bytes of the KV cache at its ceiling (kv_rows x max_seq_len tokens)."""
-
-    @property
-    def adapter_bytes(self) -> int:
-        """Bytes adapters may take: the budget less the KV cache's ceiling."""
-        return self.budget - self.kv_max_bytes
+    """Bytes of the KV cache at its ceiling (kv_rows x max_seq_len tokens); it reaches them only when
+    adapters leave that much of the budget free."""
 
 
 def available_bytes(device_type: str) -> int:
@@ -69,7 +62,7 @@ def plan_memory(
     max_batch_size: int,
     device_type: str,
 ) -> MemoryPlan:
-    """Split the budget between the KV cache and adapters.
+    """Size the budget and the KV cache's ceiling within it (adapters share the same bytes).
 
     Args:
         budget_mb: --memory-budget in MiB; None derives it from the machine.
@@ -82,15 +75,14 @@ def plan_memory(
     """
     derived = budget_mb is None
     budget = int(DEFAULT_FRACTION * available_bytes(device_type)) if derived else int(budget_mb * 2**20)
-    rows = min(max_batch_size, int(budget * KV_SHARE) // max(row_bytes, 1))
+    rows = min(max_batch_size, budget // max(row_bytes, 1))
     if rows < 1:
         source = "derived from the free memory" if derived else "given by --memory-budget"
         raise ServerConfigError(
             f"The memory budget ({budget / 2**20:.0f} MiB, {source}) cannot hold the KV cache of one "
-            f"sequence ({row_bytes / 2**20:.1f} MiB at the full context; the KV cache may take "
-            f"{KV_SHARE:.0%} of the budget).",
-            f"Raise --memory-budget to at least {2 * row_bytes / 2**20:.0f} MiB, or lower --max-input-tokens "
-            "/ --max-new-tokens.",
+            f"sequence ({row_bytes / 2**20:.1f} MiB at the full context).",
+            f"Raise --memory-budget above {row_bytes / 2**20:.0f} MiB (plus what adapters need), or lower "
+            "--max-input-tokens / --max-new-tokens.",
         )
     return MemoryPlan(budget=budget, derived=derived, kv_rows=rows, kv_max_bytes=rows * row_bytes)
 

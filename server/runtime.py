@@ -10,7 +10,7 @@ torch.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Protocol
@@ -74,6 +74,8 @@ class ServerState:
     cache: AdapterCache | None = None
     ready: bool = False
     """True between a finished start-up and the start of shutdown."""
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    """Undone at shutdown, last: hooks start-up gave the engine (the memory ledger's reclaimer)."""
     started_at: float = field(default_factory=time.time)
 
     @property

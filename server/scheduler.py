@@ -1,7 +1,9 @@
 """The scheduler: an asyncio front over ONE worker thread that owns the engine.
 
 Requests from the event loop go into a bounded queue; the worker admits generation requests into free
-KV-cache rows between decode steps (continuous batching), runs one shared decode step for every
+KV-cache rows between decode steps (continuous batching), first in first out, each once the shared memory
+budget holds its KV cache at full length (`server.kv_admission`: idle adapters are evicted for it first,
+and one that can never fit gets a `MemoryBudgetError`). It runs one shared decode step for every
 running sequence whatever its adapter, retires finished or cancelled ones, and batches pending
 classify / NER / score inputs of any adapters into shared forward passes. Token events flow back to
 each request's asyncio queue with `call_soon_threadsafe`. Choosing tokens is `server.sampling`'s, turning
@@ -27,8 +29,15 @@ import torch
 
 from server.detokenize import SequenceOutput
 from server.engine import Engine, LoadedAdapter
-from server.errors import NonFiniteOutputError, QueueFullError, SchedulerStoppedError, SequenceTooLongError
+from server.errors import (
+    MemoryBudgetError,
+    NonFiniteOutputError,
+    QueueFullError,
+    SchedulerStoppedError,
+    SequenceTooLongError,
+)
 from server.heads import CLASSIFICATION, NER, REWARD, task_result
+from server.kv_admission import KVAdmission
 from server.requests import GenerationRequest, TaskInput, TokenEvent
 from server.sampling import new_generator, sample_tokens, suppress, token_logprobs
 
@@ -36,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 
 _DONE = object()
+MEMORY_POLL_S = 0.05
+"""How often a worker waiting for memory with nothing else to do looks again (it is also woken whenever
+bytes are freed)."""
 
 
 class _GenJob:
@@ -137,6 +149,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._halt = False
+        self._memory = KVAdmission(engine, self._wake)
+        self._retired = 0
         self._eos = self._eos_ids()
         self.stats: dict[str, int] = {
             "queue_depth": 0,
@@ -162,6 +176,7 @@ class Scheduler:
         if self._thread is not None:
             return
         self._stopping = self._halt = False
+        self.engine.ledger.on_free(self._wake)  # bytes freed: a waiting admission may fit now
         self._thread = threading.Thread(target=self._run, name="adapterdock-engine", daemon=True)
         self._thread.start()
 
@@ -177,6 +192,8 @@ class Scheduler:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        self.engine.ledger.off_free(self._wake)
+        self.engine.ledger.want_kv(0)
         error = SchedulerStoppedError("The scheduler stopped before this request finished.")
         for job in [*self._pending, *self._running.values()]:
             job.finished = True
@@ -276,10 +293,13 @@ class Scheduler:
 
     def _step(self) -> None:
         self._retire_cancelled()
-        self._admit()
-        self._run_tasks()
+        admitted = self._admit()
+        ran_tasks = self._run_tasks()
         if self._running:
             self._decode()
+        elif not (admitted or ran_tasks):  # waiting for memory alone: do not spin
+            with self._cond:
+                self._cond.wait(timeout=MEMORY_POLL_S)
         self.stats["queue_depth"] = len(self._pending) + len(self._tasks)
         self.stats["running"] = len(self._running)
 
@@ -292,32 +312,53 @@ class Scheduler:
     def _retire(self, job: _GenJob) -> None:
         self.engine.release(job.seq_id)
         del self._running[job.seq_id]
+        self._retired += 1
 
-    def _admit(self) -> None:
-        admitted: list[_GenJob] = []
+    def _admit(self) -> bool:
+        """Prefill the pending sequences that have rows and memory, in order; -> whether any did."""
         with self._cond:
             free = min(self.engine.free_rows, self.max_batch_size - len(self._running))
-            while self._pending and len(admitted) < free:
-                job = self._pending.popleft()
-                if not job.cancelled:
-                    admitted.append(job)
+            candidates = list(itertools.islice(self._pending, free))
+        if not candidates:
+            self._memory.idle()
+            return False
+        reserves = [_reserve(j.request) for j in candidates]
+        try:
+            count = self._memory.admit(reserves, running=bool(self._running), retired=self._retired)
+        except MemoryBudgetError as exc:
+            self._refuse(exc)
+            return True  # the next in the queue may fit: look again at once
+        admitted, reserves = candidates[:count], reserves[:count]
         if not admitted:
-            return
+            return False
+        with self._cond:
+            for _ in admitted:  # the worker alone removes from the left: these are still the first
+                self._pending.popleft()
         try:
             logits = self.engine.prefill(
                 [j.seq_id for j in admitted],
                 [j.request.prompt_ids for j in admitted],
                 [j.slot for j in admitted],
+                reserves,
             )
         except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
             logger.exception("prefill failed")
             for job in admitted:
                 job.finished = True
                 job.push(exc)
-            return
+            return True
         for job in admitted:
             self._running[job.seq_id] = job
         self._emit(admitted, logits)
+        return True
+
+    def _refuse(self, exc: MemoryBudgetError) -> None:
+        """Fail the head of the queue with `exc`."""
+        with self._cond:
+            job = self._pending.popleft()
+        logger.warning("refused request %d: %s", job.seq_id, exc)
+        job.finished = True
+        job.push(exc)
 
     def _decode(self) -> None:
         order = self.engine.active_ids
@@ -367,8 +408,9 @@ class Scheduler:
             self._retire(job)
         return [jobs[i] for i in keep.tolist()], logits[keep]
 
-    def _run_tasks(self) -> None:
-        """One shared forward over pending task inputs of any adapters (up to max_task_rows)."""
+    def _run_tasks(self) -> bool:
+        """One shared forward over pending task inputs of any adapters (up to max_task_rows); -> whether
+        there were any."""
         batch: list[tuple[_TaskJob, int]] = []
         with self._cond:
             while self._tasks and len(batch) < self.max_task_rows:
@@ -379,7 +421,7 @@ class Scheduler:
                 if job.next >= len(job.inputs):
                     self._tasks.popleft()
         if not batch:
-            return
+            return False
         try:
             hidden = self.engine.encode(
                 [job.inputs[i].ids for job, i in batch], [job.adapter.slot for job, _ in batch]
@@ -396,7 +438,7 @@ class Scheduler:
             logger.exception("task batch failed")
             for job in {id(j): j for j, _ in batch}.values():
                 job.resolve(error=exc)
-            return
+            return True
         for job in failed.values():
             logger.warning(
                 "a %s input produced non-finite hidden states; failing its request alone", job.kind
@@ -408,6 +450,12 @@ class Scheduler:
             job.done += 1
             if job.done == len(job.inputs):
                 job.resolve(job.results)
+        return True
+
+
+def _reserve(request: GenerationRequest) -> int:
+    """Tokens a sequence may reach: its KV cache is reserved at this length from its prefill on."""
+    return len(request.prompt_ids) + request.max_new_tokens
 
 
 def _non_finite(adapter: LoadedAdapter | None) -> NonFiniteOutputError:

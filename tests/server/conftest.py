@@ -205,3 +205,20 @@ def engine(tiny_base: BaseInfo):
         max_batch_size=8,
         max_seq_len=128,
     )
+
+
+def budget_engine(tiny_base: BaseInfo, budget: float, *, rows: int = 4, max_adapters: int = 6):
+    """An fp32 engine on the tiny base (128-token context) with a memory budget of `budget` bytes."""
+    from server.engine import Engine
+
+    return Engine(
+        tiny_base.path,
+        base_name="tiny",
+        quantize="none",
+        dtype="fp32",
+        max_adapters=max_adapters,
+        max_rank=32,
+        max_batch_size=rows,
+        max_seq_len=128,
+        memory_budget_mb=budget / 2**20,
+    )

@@ -1,6 +1,7 @@
 """The memory budget against the real engine (tiny base): adapters charged their real, rank-sized bytes;
 LRU eviction by bytes; pinned and in-use adapters never evicted; refusal of what can never fit; the KV
-cache grown by use and bounded by the budget; the memory report by part, in the engine and over HTTP."""
+cache grown by use and bounded by the budget; the memory report by part, in the engine and over HTTP.
+The budget shared by adapters and the KV cache is tested in test_shared_budget.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from server.adapter_cache import AdapterCache
 from server.errors import AdapterBusyError, AdapterTooLargeError, ServerConfigError
 from server.memory_budget import plan_memory
+from tests.server.conftest import budget_engine
 from tests.server.fakes import FakeServer, populate
 
 REPORT_FIELDS = {
@@ -90,14 +92,14 @@ def test_an_adapter_that_can_never_fit_is_refused_and_leaves_nothing(engine, ada
     assert engine.free_slots == free and engine.banks.used_bytes == used
 
 
-def test_the_budget_splits_between_kv_rows_and_adapters():
+def test_the_kv_ceiling_is_the_rows_the_whole_budget_holds():
     mib = 2**20
     plan = plan_memory(8, row_bytes=mib, max_batch_size=16, device_type="cpu")
-    assert (plan.kv_rows, plan.kv_max_bytes, plan.adapter_bytes) == (4, 4 * mib, 4 * mib)
+    assert (plan.kv_rows, plan.kv_max_bytes, plan.budget) == (8, 8 * mib, 8 * mib)  # no fixed half
     roomy = plan_memory(1000, row_bytes=mib, max_batch_size=16, device_type="cpu")
-    assert roomy.kv_rows == 16 and roomy.adapter_bytes == 984 * mib
+    assert roomy.kv_rows == 16 and roomy.kv_max_bytes == 16 * mib
     with pytest.raises(ServerConfigError, match="--memory-budget"):
-        plan_memory(1, row_bytes=mib, max_batch_size=16, device_type="cpu")
+        plan_memory(0.5, row_bytes=mib, max_batch_size=16, device_type="cpu")
     derived = plan_memory(None, row_bytes=mib, max_batch_size=16, device_type="cpu")
     assert derived.derived and derived.budget > 0
 
@@ -119,20 +121,9 @@ def test_kv_cache_grows_by_use_and_the_report_counts_it(engine):
 
 
 def test_a_small_budget_holds_fewer_kv_rows(tiny_base, engine):
-    from server.engine import Engine
-
     row = engine.kv.bytes_per_token * engine.max_seq_len
-    small = Engine(
-        tiny_base.path,
-        base_name="tiny",
-        quantize="none",
-        dtype="fp32",
-        max_adapters=2,
-        max_batch_size=8,
-        max_seq_len=engine.max_seq_len,
-        memory_budget_mb=6 * row / 2**20,
-    )
-    assert small.max_batch_size == 3 and small.memory.adapter_bytes == 3 * row
+    small = budget_engine(tiny_base, 3.5 * row, rows=8, max_adapters=2)
+    assert small.max_batch_size == 3 and small.ledger.budget == int(3.5 * row)
 
 
 def test_memory_report_over_http(tmp_path):
