@@ -160,6 +160,18 @@ class LoraBank(nn.Module):
         pools = [self.factors.pool] + ([self.dora.pool] if self.dora else [])
         return sum(p.used * p.page_bytes for p in pools)
 
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of the working copies of factors gathered for recent batches (outside the pages)."""
+        fp32 = self._gathered_fp32  # read once: the worker thread may replace it meanwhile
+        held: list = [*self._gathered.values(), *self._gathered_dora.values()]  # C-level copies: no race
+        held += [v[:2] for v in list(self._concat_by_set.values()) if v is not None]
+        held += [fp32[1:]] if fp32 is not None else []
+        storages = {}  # a view and its base count once
+        for tensor in (t for group in held for t in group if t is not None):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return sum(storages.values())
+
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
         """y + scale[s] * (x @ A[s]) @ B[s] per row; x is [rows, tokens, in], y [rows, tokens, out]."""
         if x.shape[1] == 1 and ctx.uniform_slot is None:
@@ -300,6 +312,7 @@ class LoraBank(nn.Module):
         """
         self._gathered, self._gathered_dora = {}, {}
         self._concat_by_set, self._concat_masks = {}, {}
+        self._gathered_fp32 = None
         self.factors.drop(slot)
         if self.dora is not None:
             self.dora.drop(slot)

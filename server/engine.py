@@ -304,7 +304,8 @@ class Engine:
         return self.kv.v
 
     def memory_report(self) -> dict[str, int]:
-        """Bytes by part: base weights, adapters (in use, allocated), KV cache (in use, allocated), what
+        """Bytes by part: base weights, adapters (in use, allocated, gathered for recent batches: working
+        copies outside the budget), KV cache (in use, allocated), what
         either may still take of the shared budget (`*_free`: the budget less everything charged to the
         ledger; the KV cache's also capped by its ceiling), the budget and the process RSS. Cheap; safe
         from any thread."""
@@ -316,6 +317,7 @@ class Engine:
             "adapter_bytes_in_use": adapters_used,
             "adapter_bytes_allocated": self.banks.nbytes,
             "adapter_bytes_free": free,
+            "adapter_bytes_gathered": self.banks.gathered_bytes,
             "kv_bytes_in_use": kv_used,
             "kv_bytes_allocated": self.kv.nbytes,
             "kv_bytes_free": min(free, max(self.kv.max_nbytes - self.kv.nbytes, 0)),

@@ -180,6 +180,12 @@ class AdapterBanks:
         """Bytes of pages held by resident adapters (the rest of `nbytes` is free pages and page 0)."""
         return sum(bank.used_bytes for bank in self._all_banks())
 
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of factors gathered for recent batches (per-row, concatenated and fp32 working copies):
+        outside the pages and the budget's ledger, which charges what is resident, not what a batch reads."""
+        return sum(bank.gathered_bytes for bank in list(self.lora.values()))
+
     def _all_banks(self) -> list[LoraBank | BottleneckBank]:
         return [*self.lora.values(), *self.bottleneck.values()]
 

@@ -130,7 +130,7 @@ def _memory_metric(report: dict[str, int]) -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         f"{PREFIX}_memory_bytes",
         "Resident memory by part: base weights, adapter pages and KV cache (in use, allocated, free within "
-        "the memory budget), the budget, and the process RSS.",
+        "the memory budget), adapter factors gathered for recent batches, the budget, and the process RSS.",
         labels=["part"],
     )
     for name, value in report.items():

@@ -88,6 +88,7 @@ class FakeEngine:
     def memory_report(self) -> dict[str, int]:
         """The real engine's report fields (`server.engine.Engine.memory_report`), fixed numbers."""
         parts = ("adapter_bytes_in_use", "adapter_bytes_allocated", "adapter_bytes_free", "kv_bytes_in_use")
+        parts += ("adapter_bytes_gathered",)
         report = {"base_bytes": self.memory_footprint} | {part: 1024 for part in parts}
         kv = {"kv_bytes_allocated": 2048, "kv_bytes_free": 4096}
         return report | kv | {"budget_bytes": 8192, "rss_bytes": 1}

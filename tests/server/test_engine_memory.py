@@ -20,6 +20,7 @@ REPORT_FIELDS = {
     "adapter_bytes_in_use",
     "adapter_bytes_allocated",
     "adapter_bytes_free",
+    "adapter_bytes_gathered",
     "kv_bytes_in_use",
     "kv_bytes_allocated",
     "kv_bytes_free",
@@ -102,6 +103,27 @@ def test_the_kv_ceiling_is_the_rows_the_whole_budget_holds():
         plan_memory(0.5, row_bytes=mib, max_batch_size=16, device_type="cpu")
     derived = plan_memory(None, row_bytes=mib, max_batch_size=16, device_type="cpu")
     assert derived.derived and derived.budget > 0
+
+
+def test_the_report_counts_the_factors_gathered_for_a_mixed_batch(engine, adapters):
+    """A mixed decode step reads its adapters' pages concatenated (one copy per set of adapters): the
+    report shows those working bytes beside the pages, and a write (a load) drops them."""
+    loaded = [_load(engine, adapters, name)() for name in ("gen-a", "gen-c")]
+    try:
+        before = engine.memory_report()["adapter_bytes_gathered"]
+        engine.prefill([1, 2], [[5] * 8, [6] * 8], [loaded[0].slot, loaded[1].slot])
+        engine.decode([7, 8])
+        gathered = engine.memory_report()["adapter_bytes_gathered"]
+        pages = loaded[0].nbytes + loaded[1].nbytes  # rank 8 + rank 16, every target linear
+        assert gathered >= pages > before  # at least the concatenation (plus the prefill's per-row copy)
+        engine.release(1)
+        engine.release(2)
+        other = _load(engine, adapters, "gen-d")()
+        assert engine.memory_report()["adapter_bytes_gathered"] == 0  # the write dropped every copy
+        engine.unload_adapter(other)
+    finally:
+        for adapter in loaded:
+            engine.unload_adapter(adapter)
 
 
 def test_kv_cache_grows_by_use_and_the_report_counts_it(engine):
