@@ -69,12 +69,30 @@ def test_an_adapter_is_loaded_once_and_released_exactly_once(state: ServerState)
     assert state.cache.get("chat@1").leases == 0
 
 
-def test_files_are_verified_before_the_engine_loads_them(state: ServerState):
+def test_files_that_fail_their_checksums_never_become_usable(state: ServerState):
+    """The checksums are verified while the engine loads (they overlap); a mismatch frees the slot the
+    load took and leaves nothing in the cache, so no request can ever run on the tampered files."""
     resolved = state.resolver.resolve("other")
     (resolved.path / "adapter_model.safetensors").write_bytes(b"tampered")
     with pytest.raises(ChecksumMismatchError):
         asyncio.run(leases.acquire(state, resolved))
-    assert state.engine.loads == [] and state.cache.get(resolved.key) is None
+    assert state.engine.loads == state.engine.unloads == [resolved.key]
+    assert state.cache.get(resolved.key) is None
+
+
+def test_a_checksum_mismatch_is_the_error_reported_when_the_load_fails_too(
+    state: ServerState, monkeypatch: pytest.MonkeyPatch
+):
+    resolved = state.resolver.resolve("other")
+    (resolved.path / "adapter_model.safetensors").write_bytes(b"tampered")
+
+    def unparsable(*args):
+        raise ValueError("not a safetensors file")
+
+    monkeypatch.setattr(state.engine, "load_adapter", unparsable)
+    with pytest.raises(ChecksumMismatchError):
+        asyncio.run(leases.acquire(state, resolved))
+    assert state.cache.get(resolved.key) is None
 
 
 def test_resolve_checks_the_endpoint_and_pin_keeps_the_adapter(state: ServerState):
