@@ -45,9 +45,17 @@ DRAIN_SECONDS = 10.0
 
 
 def build_engine(config: ServerConfig, base: BaseInfo) -> EngineLike:
-    """The real engine: the base loaded (quantized as configured) with adapter slots and a KV cache."""
-    from server.engine import Engine
+    """The real engine: the base loaded (quantized as configured) with adapter slots and a KV cache, on
+    the CPU threads `--threads` asks for (`server.model_loader.cpu_threads`)."""
+    import torch
 
+    from server.engine import Engine
+    from server.model_loader import cpu_threads
+
+    threads = cpu_threads(config.threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logger.info("CPU compute threads: %d", torch.get_num_threads())
     return Engine(
         base.path,
         base_name=base.name_or_path,

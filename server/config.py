@@ -37,6 +37,9 @@ class ServerConfig:
     """Compute dtype of activations, KV cache and adapter weights: auto = bf16 on GPUs and on CPUs with
     avx512_bf16 or AMX (1.8x faster decode here), else fp32; fp32 matches PEFT's fp32 outputs exactly.
     Defaults to $ADAPTERDOCK_DTYPE, else auto."""
+    threads: int | None = None
+    """CPU compute threads (torch intra-op); None: every core this process may use but one, kept for the
+    HTTP event loop and tokenizer (as vLLM's CPU build reserves one), or $OMP_NUM_THREADS when set."""
     registry: Path | None = None
     """Local registry folder; None uses $ADAPTERDOCK_REGISTRY or ./adapters."""
     hub: str | None = None
@@ -154,6 +157,8 @@ class ServerConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"threads={self.threads} must be at least 1")
         if self.memory_budget_mb is not None and self.memory_budget_mb <= 0:
             problems.append(f"memory_budget_mb={self.memory_budget_mb} must be positive")
         if self.max_adapter_memory_mb is not None and self.max_adapter_memory_mb <= 0:

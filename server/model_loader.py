@@ -8,6 +8,8 @@ bitsandbytes is imported only when a quantized load is asked for.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,24 @@ def compute_dtype(device: torch.device, requested: str = "auto") -> torch.dtype:
         fast = device.type == "cuda" or cpu_has_fast_bf16()
         return torch.bfloat16 if fast else torch.float32
     return torch.bfloat16 if requested == "bf16" else torch.float32
+
+
+def cpu_threads(requested: int | None, environ: Mapping[str, str] = os.environ) -> int | None:
+    """The torch intra-op threads a CPU server computes with; None leaves torch's own choice.
+
+    `--threads` wins; else $OMP_NUM_THREADS, when set, is left to torch; else every core this process may
+    run on but one. Why one less: the engine's worker is not alone, the HTTP event loop streams every token
+    and tokenizes prompts, and a compute pool spread over every core makes each small op of a decode step
+    wait for a descheduled thread. Measured on this 2-core machine (smollm2-135m, bf16, C=16): 2 threads
+    gave 160 tok/s base-only and 94 with 8 mixed adapters, 1 thread 176 and 124
+    (benchmarks/results/serve_bench_smollm2*.md); vLLM's CPU build reserves one core the same way.
+    """
+    if requested is not None:
+        return requested
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - 1)
 
 
 def quantization_config(quantize: str, dtype: torch.dtype) -> Any | None:

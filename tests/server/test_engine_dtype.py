@@ -1,4 +1,4 @@
-"""The serving compute dtype: what `--dtype auto|bf16|fp32` picks, and a bf16 engine against PEFT in bf16.
+"""Serving compute dtype and threads: what `--dtype auto|bf16|fp32` and `--threads` pick; bf16 against PEFT.
 
 fp32 is compared with PEFT exactly elsewhere (test_engine.py). In bf16 the engine and PEFT round at
 different points (the engine adds each row's LoRA delta from gathered factors, PEFT per module), so the
@@ -162,3 +162,14 @@ def test_heads_bottleneck_and_dora_serve_in_bf16_close_to_fp32(bf16_engine, engi
     assert all(r != b for r, b in zip(ours[2], as_bf16, strict=True)), "rewards keep fp32 precision"
     for row, want in zip(ours[3], reference[3], strict=True):
         _assert_close_in_bf16(row, want)
+
+
+def test_cpu_threads_leave_one_core_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_loader.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert model_loader.cpu_threads(None, {}) == 3
+    assert model_loader.cpu_threads(2, {}) == 2  # --threads wins
+    assert model_loader.cpu_threads(None, {"OMP_NUM_THREADS": "2"}) is None  # torch keeps the env's
+    monkeypatch.setattr(model_loader.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert model_loader.cpu_threads(None, {}) == 1  # never zero
+    with pytest.raises(ServerConfigError, match="threads=0 must be at least 1"):
+        ServerConfig(threads=0).validate()
