@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from server.packed_linear import can_pack, pack_weight, packed_add_linear, packed_linear
+
 _SLOW_DECODE_DTYPES = (torch.bfloat16, torch.float16)
 """On CPU, small matmuls of a decode step's LoRA delta run 2.5-4x slower in bf16 than in fp32 as batched
 matmuls ([rows, 1, in] @ [rows, in, r]; measured on avx512_bf16: 120 us against 48 us for 8 rows, in 576,
@@ -144,9 +146,9 @@ class LoraBank(nn.Module):
         """g (1 where no DoRA) and (1 - g) * bias per slot, one page each; None before a DoRA adapter."""
         self._gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._gathered_dora: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self._concat_by_set: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        self._concat_by_set: dict[tuple, tuple | None] = {}
         """(adapters, bank version) -> the batch's adapters' pages concatenated, for `_add_delta_decode`."""
-        self._concat_masks: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = {}
+        self._concat_masks: dict[tuple, tuple | None] = {}
         """Batch composition -> (A_cat, B_cat, the rows' column mask)."""
         self._gathered_fp32: tuple | None = None
         """(the gathered A they were made from, A and B in fp32), for `_add_delta_fp32`."""
@@ -165,12 +167,14 @@ class LoraBank(nn.Module):
         """Bytes of the working copies of factors gathered for recent batches (outside the pages)."""
         fp32 = self._gathered_fp32  # read once: the worker thread may replace it meanwhile
         held: list = [*self._gathered.values(), *self._gathered_dora.values()]  # C-level copies: no race
-        held += [v[:2] for v in list(self._concat_by_set.values()) if v is not None]
+        concatenated = [v for v in list(self._concat_by_set.values()) if v is not None]
+        held += [v[:2] for v in concatenated]
         held += [fp32[1:]] if fp32 is not None else []
         storages = {}  # a view and its base count once
         for tensor in (t for group in held for t in group if t is not None):
             storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return sum(storages.values())
+        packed = sum(p.numel() * p.element_size() for v in concatenated if v[3] for p in v[3])
+        return sum(storages.values()) + packed  # packed (oneDNN) copies hold as many elements
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, ctx) -> torch.Tensor:
         """y + scale[s] * (x @ A[s]) @ B[s] per row; x is [rows, tokens, in], y [rows, tokens, out]."""
@@ -200,14 +204,19 @@ class LoraBank(nn.Module):
         cat = self._concatenated(ctx)
         if cat is None:  # no row's adapter adapts this linear
             return y
-        a, b, mask = cat
-        h = (x.reshape(-1, x.shape[-1]) @ a.t()).mul_(mask)
-        return torch.addmm(y.reshape(-1, y.shape[-1]), h, b).view(y.shape)
+        a, b, mask, packed = cat
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        if packed is not None:  # bf16 on CPU: oneDNN-packed factors, same bits (`server.packed_linear`)
+            h = packed_linear(x2, packed[0]).mul_(mask)
+            return packed_add_linear(y2, h, packed[1]).view(y.shape)
+        h = (x2 @ a.t()).mul_(mask)
+        return torch.addmm(y2, h, b).view(y.shape)
 
-    def _concatenated(self, ctx) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(A_cat [R, in], B_cat [R, out], mask [rows, R]) of this batch, or None when R = 0.
+    def _concatenated(self, ctx) -> tuple | None:
+        """(A_cat [R, in], B_cat [R, out], mask [rows, R], packed) of this batch, or None when R = 0.
 
-        A_cat/B_cat are cached per set of adapters (and bank version), the mask per batch composition.
+        A_cat/B_cat (and, for bf16 on CPU, both packed for oneDNN: `packed`, else None) are cached per set
+        of adapters (and bank version), the mask per batch composition.
         """
         masks = self._concat_masks  # a writer may swap in a fresh dict meanwhile
         cached = masks.get(ctx.key, False)
@@ -227,15 +236,19 @@ class LoraBank(nn.Module):
                 pool, device = self.factors.pool.tensors, ctx.slots.device
                 index = torch.tensor(pages, dtype=torch.long, device=device)
                 owner = torch.tensor(owners, dtype=torch.long, device=device)
-                parts = (pool["a"].index_select(0, index), pool["b"].index_select(0, index), owner)
+                a, b = pool["a"].index_select(0, index), pool["b"].index_select(0, index)
+                packed = None
+                if can_pack(a.device, a.dtype, "none"):  # then only the packed copies are kept
+                    packed, a, b = (pack_weight(a), pack_weight(b.t())), None, None
+                parts = (a, b, owner, packed)
             if len(by_set) >= 2:
                 by_set.clear()
             by_set[ctx.adapters_key] = parts
         if parts is None:
             cached = None
         else:
-            a, b, owner = parts
-            cached = (a, b, (ctx.slots.view(-1, 1) == owner.view(1, -1)).to(a.dtype))
+            a, b, owner, packed = parts
+            cached = (a, b, (ctx.slots.view(-1, 1) == owner.view(1, -1)).to(self.dtype), packed)
         if len(masks) >= 2:
             masks.clear()
         masks[ctx.key] = cached

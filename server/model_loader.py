@@ -19,6 +19,7 @@ import torch
 from hub.errors import AdapterDockError
 from hub.machine import cpu_has_fast_bf16
 from server.config import DTYPE_CHOICES, QUANTIZE_CHOICES, default_dtype
+from server.packed_linear import can_pack, pack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +153,8 @@ def load_base(
     model.eval()
     model.requires_grad_(False)
     footprint = int(model.get_memory_footprint())
+    if can_pack(device, torch_dtype, quantize):
+        logger.info("packed %d bf16 linears for oneDNN", pack_linears(model))
     logger.info(
         "loaded base %s (quantize=%s, device=%s, dtype=%s): %.1f MiB",
         path,

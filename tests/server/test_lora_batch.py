@@ -155,3 +155,30 @@ def test_a_forward_overlapping_another_is_refused_loudly():
     x = torch.randn(2, 1, 16)
     with banks.forward([0, 0]):  # free again once the other forward ended
         torch.testing.assert_close(q(x), q.base(x))
+
+
+def test_bf16_decode_on_packed_factors_equals_the_plain_matmuls(monkeypatch: pytest.MonkeyPatch):
+    """On CPU in bf16 a mixed decode step runs on oneDNN-packed factors (`server.packed_linear`): the same
+    bits as the plain matmuls it replaces."""
+    from server import adapter_pages
+    from server.packed_linear import can_pack
+
+    if not can_pack(torch.device("cpu"), torch.bfloat16, "none"):
+        pytest.skip("this torch has no oneDNN packing")
+    torch.manual_seed(0)
+    model, _ = _model_and_banks()
+    model.to(torch.bfloat16)
+    layout = _model_and_banks()[1].layout
+    banks = AdapterBanks(model, layout, num_slots=5, max_rank=8, dtype=torch.bfloat16, device="cpu")
+    q = model.model.layers[0].self_attn.q_proj
+    banks.write(1, _lora(2, 16, 16, 0.5))
+    banks.write(2, _lora(8, 16, 16, 2.0))
+    x = torch.randn(4, 1, 16).to(torch.bfloat16)
+    with banks.forward([1, 0, 2, 1]):
+        packed = q(x)
+    monkeypatch.setattr(adapter_pages, "can_pack", lambda *args: False)
+    banks.clear(3)  # any write drops the cached (packed) factors
+    with banks.forward([1, 0, 2, 1]):
+        plain = q(x)
+    assert torch.equal(packed, plain)
+    assert torch.equal(packed[1], q.base(x[1]))  # the base row gets no delta
