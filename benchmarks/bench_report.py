@@ -194,7 +194,11 @@ def peer_targets(rows: Sequence[dict[str, Any]], system: str = "adapterdock-none
 
 
 def targets_table(targets: Sequence[dict[str, Any]]) -> str:
-    return markdown_table(targets, (("target", "target"), ("value", "measured"), ("verdict", "verdict")))
+    """The verdicts, ratios with 3 decimals (a 2.454 against a 2.5 target must not print as 2.5)."""
+    rows = [
+        {**t, "value": f"{t['value']:.3f}" if isinstance(t["value"], float) else t["value"]} for t in targets
+    ]
+    return markdown_table(rows, (("target", "target"), ("value", "measured"), ("verdict", "verdict")))
 
 
 def plot_throughput(rows: Sequence[dict[str, Any]], out: Path, concurrency: int = 16) -> Path:
