@@ -207,9 +207,15 @@ def run_one(
 
 # ---- commands -----------------------------------------------------------------------------------------
 def adapterdock_cmd(
-    args: argparse.Namespace, quantize: str, registry: Path, port: int, cache: int, dtype: str = "auto"
+    args: argparse.Namespace,
+    quantize: str,
+    registry: Path,
+    port: int,
+    cache: int,
+    dtype: str = "auto",
+    threads: int | None = None,
 ) -> list[str]:
-    return [
+    return ([] if threads is None else ["env", f"OMP_NUM_THREADS={threads}"]) + [
         sys.executable,
         "-m",
         "server",
@@ -333,6 +339,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vllm-requests", type=int, default=16)
     parser.add_argument("--vllm-scenarios", nargs="+", default=["base", "1", "8"], choices=list(SCENARIOS))
     parser.add_argument("--vllm-dtype", default="float32")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        help="our servers' compute threads, one server each (default: theirs)",
+    )
     parser.add_argument("--cold-loads", type=int, default=20, help="cold-load measurements (0: skip)")
     parser.add_argument("--cycle", type=int, default=200, help="distinct adapters cycled (0: skip)")
     parser.add_argument(
@@ -450,9 +462,11 @@ class Bench:
             logger.error("%s failed: %s", server.name, err)
             self.results["servers"][server.name] = {"error": str(err)[-2000:]}
 
-    def adapterdock(self, quantize: str, dtype: str = "auto") -> ServerProcess:
-        name, port = f"adapterdock-{quantize}" + ("" if dtype == "auto" else f"-{dtype}"), free_port()
-        cmd = adapterdock_cmd(self.args, quantize, self.registry, port, self.args.cache_size, dtype)
+    def adapterdock(self, quantize: str, dtype: str = "auto", threads: int | None = None) -> ServerProcess:
+        name = f"adapterdock-{quantize}" + ("" if dtype == "auto" else f"-{dtype}")
+        name += "" if threads is None else f"-t{threads}"
+        port = free_port()
+        cmd = adapterdock_cmd(self.args, quantize, self.registry, port, self.args.cache_size, dtype, threads)
         return ServerProcess(name, cmd, port, self.logs / f"{name}.log")
 
     def peer(self, name: str, scenarios: list[str]) -> ServerProcess:
@@ -541,7 +555,8 @@ def run_all(
     top = max(args.concurrency)
     for quantize in args.quantize:
         for dtype in args.dtype:
-            bench.measure(bench.adapterdock(quantize, dtype), args.scenarios, plan)
+            for threads in args.threads or [None]:
+                bench.measure(bench.adapterdock(quantize, dtype, threads), args.scenarios, plan)
     if args.naive_requests:
         naive = bench.peer("naive-peft", args.naive_scenarios)
         bench.measure(naive, args.naive_scenarios, {top: args.naive_requests})

@@ -80,9 +80,9 @@ def cpu_threads(requested: int | None, environ: Mapping[str, str] = os.environ) 
     `--threads` wins; else $OMP_NUM_THREADS, when set, is left to torch; else every core this process may
     run on but one. Why one less: the engine's worker is not alone, the HTTP event loop streams every token
     and tokenizes prompts, and a compute pool spread over every core makes each small op of a decode step
-    wait for a descheduled thread. Measured on this 2-core machine (smollm2-135m, bf16, C=16): 2 threads
-    gave 160 tok/s base-only and 94 with 8 mixed adapters, 1 thread 176 and 124
-    (benchmarks/results/serve_bench_smollm2*.md); vLLM's CPU build reserves one core the same way.
+    wait for a descheduled thread. Measured on this 2-core machine (smollm2-135m, bf16, C=16, one run): one
+    thread served 226 tok/s base-only and 156 with 8 mixed adapters, two threads 194 and 104
+    (benchmarks/results/serve_bench_smollm2_threads.md); vLLM's CPU build reserves one core the same way.
     """
     if requested is not None:
         return requested
