@@ -23,6 +23,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -39,6 +40,26 @@ from server.lora_batch import AdapterBanks
 from server.model_loader import compute_dtype
 
 
+class _BusyThread:
+    """A thread of small bf16 matmuls, as the engine's decode loop runs beside a load (GIL hand-overs)."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        x, w = torch.randn(16, 576).bfloat16(), torch.randn(576, 576).bfloat16()
+        while not self._stop.is_set():
+            x = torch.nn.functional.linear(x, w).mul_(0.01)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="small")
@@ -46,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--out", type=Path, help="also write OUT.json and OUT.md")
+    parser.add_argument(
+        "--beside-busy-thread", action="store_true",
+        help="time the loads beside a thread running small bf16 matmuls (a stand-in for the decode loop)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     dtype = compute_dtype(torch.device("cpu"), args.dtype)
     base = resolve_base(args.base)
@@ -56,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     stored = store.get(names[0], verify=False)
     file_mib = sum((stored.path / f).stat().st_size for f in stored.manifest.files) / 2**20
     rows = []
+    busy = _BusyThread() if args.beside_busy_thread else None
     for max_rank in (16,):
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=dtype)
         layout = BaseLayout.from_config(model.config)
@@ -68,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             device=torch.device("cpu"),
         )
         times: dict[str, list[float]] = {"get": [], "verify": [], "read": [], "write": []}
+        if busy is not None:
+            busy.start()
         for i, name in enumerate(names):
             t0 = time.perf_counter()
             stored = store.get(name, verify=False)
@@ -81,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             for key, start, end in (("get", t0, t1), ("verify", t1, t2), ("read", t2, t3), ("write", t3, t4)):
                 times[key].append(1000 * (end - start))
         medians = {key: round(statistics.median(values[2:]), 2) for key, values in times.items()}
-        row = {"max_rank": max_rank, "dtype": str(dtype).removeprefix("torch."),
+        if busy is not None:
+            busy.stop()
+        row = {"max_rank": max_rank, "dtype": str(dtype).removeprefix("torch."), "busy_thread": bool(busy),
                "pages_mib": round(banks.nbytes / 2**20, 1), "adapter_file_mib": round(file_mib, 1),
                **{f"{key}_ms": value for key, value in medians.items()},
                "total_ms": round(sum(medians.values()), 2)}  # fmt: skip
