@@ -7,8 +7,10 @@ no servers, no HTTP.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import statistics
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def invocation(module: str, argv: Sequence[str] | None = None) -> dict[str, str]:
+    """How a benchmark was run, for its results: the command line (`argv`, else this process's) and the
+    UTC time."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return {
+        "command": " ".join([f"python -m {module}", *args]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_results(stem: Path, payload: dict[str, Any], title: str, intro: str, table: list[dict]) -> str:

@@ -16,7 +16,6 @@ Run (from the repository root; ~6 minutes on smollm2-135m with 2 cores):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import platform
 import sys
 import tempfile
@@ -101,8 +100,7 @@ def derived(rows: dict[str, dict[str, float]], quantizes: list[str]) -> list[dic
 def write(args: argparse.Namespace, rows: dict[str, Any], table: list[dict[str, Any]], wall: float) -> None:
     stem = args.out / f"engine_dtype_ab_{args.base}"
     meta = {
-        "command": "python -m benchmarks.engine_dtype_ab " + " ".join(sys.argv[1:]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **bench_report.invocation("benchmarks.engine_dtype_ab"),
         "machine": {"cpu_count": __import__("os").cpu_count(), "platform": platform.platform()},
         "wall_s": round(wall), "batch": args.batch, "prompt_len": args.prompt_len, "steps": args.steps,
         "blocks": args.blocks, "rank": args.rank,

@@ -128,16 +128,17 @@ def main() -> None:
     result |= {name: summary(decode[name], prefill[name]) for name in engines}
     print(json.dumps(result))
     if args.out:
-        from benchmarks.bench_report import write_results
+        from benchmarks.bench_report import invocation, write_results
 
         table = [{"engine": name, **result[name]} for name in engines]
+        run = invocation("benchmarks.engine_step_ab")
         intro = (
-            f"`python -m benchmarks.engine_step_ab {' '.join(sys.argv[1:])}`: CPU ms per call, blocks "
+            f"`{run['command']}`: CPU ms per call, blocks "
             f"alternating between the two engines ({args.blocks} blocks of one prefill of {args.batch} x "
             f"{args.prompt_len} tokens + {args.steps} decode steps), {args.adapters} rank-{args.rank} "
             f"adapters over {args.batch} rows, `--quantize {args.quantize} --dtype {args.dtype}`."
         )
-        payload = result | {"command": sys.argv[1:]}
+        payload = result | run
         write_results(args.out, payload, f"Engine step A/B on {args.base}", intro, table)
 
 

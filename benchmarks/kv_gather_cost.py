@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.bench_report import write_results
+from benchmarks.bench_report import invocation, write_results
 
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 """smollm2-135m's KV shape."""
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table[-1], flush=True)
     if args.out:
         intro = (
-            f"`python -m benchmarks.kv_gather_cost {' '.join(argv or sys.argv[1:])}`: median of "
+            f"`{invocation('benchmarks.kv_gather_cost', argv)['command']}`: median of "
             f"{args.repeats}, {args.threads} torch thread(s), pages of {args.page} tokens, smollm2-135m's "
             "KV shape (30 layers x K and V), bf16."
         )

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from benchmarks.bench_report import write_results
+from benchmarks.bench_report import invocation, write_results
 from benchmarks.serve_bench import make_adapters
 from hub.bases import resolve_base
 from hub.store import LocalStore
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     if args.out:
         intro = (
-            f"`python -m benchmarks.load_path_probe {' '.join(argv or sys.argv[1:])}`: median ms of each "
+            f"`{invocation('benchmarks.load_path_probe', argv)['command']}`: median ms of each "
             f"step of a cold load over {args.adapters - 2} rank-16 adapters (q/k/v/o/gate/up/down) on "
             f"{args.base}, in one process (no HTTP, no thread hops)."
         )

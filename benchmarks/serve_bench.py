@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import logging
 import os
@@ -215,7 +214,7 @@ def adapterdock_cmd(
     dtype: str = "auto",
     threads: int | None = None,
 ) -> list[str]:
-    return ([] if threads is None else ["env", f"OMP_NUM_THREADS={threads}"]) + [
+    return [
         sys.executable,
         "-m",
         "server",
@@ -237,7 +236,7 @@ def adapterdock_cmd(
         str(args.max_batch_size),
         "--max-new-tokens",
         str(max(args.new_tokens, 64)),
-    ]
+    ] + ([] if threads is None else ["--threads", str(threads)])
 
 
 def naive_cmd(args: argparse.Namespace, folders: dict[str, Path], port: int) -> list[str]:
@@ -404,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "meta": {
-            "command": " ".join(["python -m benchmarks.serve_bench", *(argv or sys.argv[1:])]),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **bench_report.invocation("benchmarks.serve_bench", argv),
             "machine": machine_info(),
             "args": {k: str(v) for k, v in vars(args).items()},
         },

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import statistics
 import sys
@@ -113,8 +112,7 @@ def write(
     args: argparse.Namespace, rows: list[dict[str, Any]], table: list[dict[str, Any]], wall: float
 ) -> None:
     stem = args.out / f"serve_kinds_{args.base}"
-    meta = {"command": "python -m benchmarks.serve_kinds " + " ".join(sys.argv[1:]),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "wall_s": round(wall),
+    meta = {**bench_report.invocation("benchmarks.serve_kinds"), "wall_s": round(wall),
             **{k: v for k, v in vars(args).items() if k != "out"}}  # fmt: skip
     payload = {"meta": meta, "summary": table, "runs": rows}
     intro = (

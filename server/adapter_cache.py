@@ -235,17 +235,15 @@ class AdapterCache:
         """Evict idle, unpinned adapters, least recently used first, until `nbytes` are freed or none is
         left (the KV cache asks, through the ledger, before sequences wait); -> bytes freed."""
         freed = 0
-        for victim in [e for e in self._entries.values() if e.leases == 0 and not e.pinned]:
+        for victim in self._idle():
             if freed >= nbytes:
                 break
             if not self._evictable(victim):  # leased, pinned or gone while an earlier one unloaded
                 continue
             del self._entries[victim.key]
             freed += victim.nbytes
-            await asyncio.to_thread(self._unload, victim.adapter)
+            await self._unload_evicted(victim, "to make room for the KV cache")
             self._sync()
-            self._stats["evictions"] += 1
-            logger.info("evicted adapter %s (least recently used) to make room for the KV cache", victim.key)
         return freed
 
     def notify_room(self) -> None:
@@ -286,9 +284,7 @@ class AdapterCache:
             victims = await self._reserve(key, record.nbytes)
             reserved = True
             for victim in victims:
-                await asyncio.to_thread(self._unload, victim.adapter)
-                self._stats["evictions"] += 1
-                logger.info("evicted adapter %s (least recently used) to make room for %s", victim.key, key)
+                await self._unload_evicted(victim, f"to make room for {key}")
             started = time.perf_counter()
             adapter = await asyncio.to_thread(load)
             seconds = time.perf_counter() - started
@@ -372,7 +368,7 @@ class AdapterCache:
         count = len(self._entries) + self._reserved_slots
         used = self._used()
         limit = self._limit()
-        idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned]
+        idle = self._idle()
         victims: list[CacheEntry] = []
         while count + 1 > self.max_adapters or (limit is not None and used + nbytes > limit):
             if not idle:
@@ -400,6 +396,16 @@ class AdapterCache:
                 f"{ceiling / 2**20:.1f} MiB{self._ceiling_source()}, so it can never stay resident."
             )
 
+    def _idle(self, keep: str | None = None) -> list[CacheEntry]:
+        """Idle, unpinned entries, least recently used first (`keep`: a key never to evict)."""
+        return [e for e in self._entries.values() if e.leases == 0 and not e.pinned and e.key != keep]
+
+    async def _unload_evicted(self, victim: CacheEntry, reason: str) -> None:
+        """Free the slot of an entry already taken out of the cache, and count and log the eviction."""
+        await asyncio.to_thread(self._unload, victim.adapter)
+        self._stats["evictions"] += 1
+        logger.info("evicted adapter %s (least recently used) %s", victim.key, reason)
+
     def _evictable(self, entry: CacheEntry) -> bool:
         """Still resident, idle and unpinned (a list of victims may be stale after an await)."""
         return self._entries.get(entry.key) is entry and entry.leases == 0 and not entry.pinned
@@ -415,15 +421,11 @@ class AdapterCache:
 
     def _limit(self) -> int | None:
         """Bytes adapters may hold now: `max_bytes`, and what the KV cache leaves of the budget."""
-        limits = [self.max_bytes, self.ledger.room(ADAPTERS) if self.ledger is not None else None]
-        known = [limit for limit in limits if limit is not None]
-        return min(known) if known else None
+        return _tightest(self.max_bytes, self.ledger.room(ADAPTERS) if self.ledger is not None else None)
 
     def _ceiling(self) -> int | None:
         """Bytes adapters could ever hold: `max_bytes`, and the whole budget (with the KV cache empty)."""
-        limits = [self.max_bytes, self.ledger.budget if self.ledger is not None else None]
-        known = [limit for limit in limits if limit is not None]
-        return min(known) if known else None
+        return _tightest(self.max_bytes, self.ledger.budget if self.ledger is not None else None)
 
     def _ceiling_source(self) -> str:
         if self.max_bytes is not None and self.max_bytes == self._ceiling():
@@ -451,19 +453,15 @@ class AdapterCache:
         if limit is None:
             return
         used = self._used()
-        idle = [e for e in self._entries.values() if e.leases == 0 and not e.pinned and e.key != loaded]
-        while used > limit and idle:
-            victim = idle.pop(0)
+        for victim in self._idle(keep=loaded):
+            if used <= limit:
+                break
             if not self._evictable(victim):  # leased, pinned or gone while an earlier one unloaded
                 continue
             del self._entries[victim.key]
             used -= victim.nbytes
-            await asyncio.to_thread(self._unload, victim.adapter)
+            await self._unload_evicted(victim, "to stay within the memory budget")
             self._sync()
-            self._stats["evictions"] += 1
-            logger.info(
-                "evicted adapter %s (least recently used) to stay within the memory budget", victim.key
-            )
 
     async def _drop_stale(self, entry: CacheEntry) -> None:
         if entry.leases:
@@ -480,6 +478,12 @@ class AdapterCache:
     def _wake_head(self) -> None:
         if self._waiters:
             self._waiters[0].event.set()
+
+
+def _tightest(*limits: int | None) -> int | None:
+    """The smallest of the limits that are set; None when none is."""
+    known = [limit for limit in limits if limit is not None]
+    return min(known) if known else None
 
 
 def _consume_exception(task: asyncio.Task) -> None:

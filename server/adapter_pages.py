@@ -238,7 +238,7 @@ class LoraBank(nn.Module):
                 owner = torch.tensor(owners, dtype=torch.long, device=device)
                 a, b = pool["a"].index_select(0, index), pool["b"].index_select(0, index)
                 packed = None
-                if can_pack(a.device, a.dtype, "none"):  # then only the packed copies are kept
+                if can_pack(a.device, a.dtype):  # then only the packed copies are kept
                     packed, a, b = (pack_weight(a), pack_weight(b.t())), None, None
                 parts = (a, b, owner, packed)
             if len(by_set) >= 2:

@@ -22,8 +22,9 @@ PACK_ROWS_HINT = 16
 """The rows oneDNN is told to expect when it picks the blocking (a decode batch); any row count works."""
 
 
-def can_pack(device: torch.device, dtype: torch.dtype, quantize: str) -> bool:
-    """Whether `pack_linears` applies: an unquantized bf16 base on a CPU torch built with oneDNN."""
+def can_pack(device: torch.device, dtype: torch.dtype, quantize: str = "none") -> bool:
+    """Whether weights can be packed: unquantized (bitsandbytes' linears are not), bf16, on a CPU torch
+    built with oneDNN. `quantize` is the base's; adapter factors are never quantized."""
     return (
         device.type == "cpu"
         and dtype == torch.bfloat16
