@@ -5,8 +5,9 @@ layout on every call; for the small-M matmuls of a decode step that reorder is a
 each weight once at load (`torch.ops.mkldnn._reorder_linear_weight`, what torch's inductor does for frozen
 CPU graphs) and calling `torch.ops.mkldnn._linear_pointwise` gives the same bits (oneDNN computes the same
 kernel on the same blocks; checked equal in `tests/server/test_packed_linear.py`) in about half the time:
-measured here on avx512_bf16, 16 decode rows: 576->1536 125 -> 69 us, 1536->576 123 -> 65 us, lm_head
-576->49152 6.5 -> 3.0 ms; a 16 x 64-token prefill of 576->1536 1.62 -> 1.24 ms. Only unquantized bf16 bases
+measured here on avx512_bf16, 16 decode rows: 576->1536 116 -> 69 us, 1536->576 117 -> 59 us, lm_head
+576->49152 6.2 -> 2.8 ms; at a prefill's 1,024 rows 1.0-1.2x (benchmarks/results/packed_linear_ab.md,
+`python -m benchmarks.packed_linear_ab`). Only unquantized bf16 bases
 on CPU are packed: NF4/int8 linears are bitsandbytes', fp32 stays plain (the path compared with PEFT exactly).
 
 Boundary: the base's own `nn.Linear` modules, swapped in place; adapters wrap the packed modules as they
