@@ -44,7 +44,6 @@ from server.sampling import new_generator, sample_tokens, suppress, token_logpro
 logger = logging.getLogger(__name__)
 
 
-_DONE = object()
 MEMORY_POLL_S = 0.05
 """How often a worker waiting for memory with nothing else to do looks again (it is also woken whenever
 bytes are freed)."""
@@ -60,6 +59,7 @@ class _GenJob:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.finished = False
+        """Set by the worker once it has pushed this job's last item (which may not be queued yet)."""
         self.output = SequenceOutput(request, tokenizer)
         self.generator = new_generator(request, device)
 
@@ -72,42 +72,47 @@ class _GenJob:
 
 
 class _TokenStream:
-    """The async iterator `Scheduler.generate` returns; closing it cancels the request."""
+    """The async iterator `Scheduler.generate` returns; closing it cancels the request.
+
+    It ends on what it reads from the queue (an event with a finish reason, or an error), never on the
+    job's `finished` flag: the worker sets that flag right after `push`, whose put reaches the queue only
+    when the event loop next runs its callbacks, so "finished and the queue empty" could be seen with the
+    last token still on its way, and the answer would silently lose it.
+    """
 
     def __init__(self, job: _GenJob, scheduler: Scheduler) -> None:
         self._job = job
         self._scheduler = scheduler
+        self._ended = False
+        """A terminal item was read (event loop thread only)."""
 
     def __aiter__(self) -> _TokenStream:
         return self
 
     async def __anext__(self) -> TokenEvent:
-        if self._job.finished and self._job.queue.empty():
+        if self._ended:
             raise StopAsyncIteration
         try:
             item = await self._job.queue.get()
         except BaseException:
             self._cancel()
             raise
-        if item is _DONE:
-            raise StopAsyncIteration
         if isinstance(item, BaseException):
-            self._job.finished = True
+            self._ended = True
             raise item
-        if item.finish_reason is not None:
-            self._job.finished = True
+        self._ended = item.finish_reason is not None
         return item
 
     async def aclose(self) -> None:
         self._cancel()
 
     def _cancel(self) -> None:
-        if not self._job.finished:
+        if not (self._ended or self._job.finished):
             self._job.cancelled = True
             self._scheduler._wake()
 
     def __del__(self) -> None:
-        if not self._job.finished:
+        if not (self._ended or self._job.finished):
             self._job.cancelled = True
 
 

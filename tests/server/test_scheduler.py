@@ -154,6 +154,29 @@ def test_cancelling_a_stream_frees_its_row(engine, loaded):
     assert _run(engine, body) < 100
 
 
+def test_the_last_token_pushed_just_before_finished_is_still_read(engine):
+    """The worker pushes a request's last event, then sets `finished`; the put reaches the queue only when
+    the event loop runs its callbacks. A stream that stopped on "finished and the queue empty" dropped that
+    last token (seen as a 1-token answer to a 2-token request under load); it must end on the event."""
+    from server.requests import TokenEvent
+    from server.scheduler import _GenJob, _TokenStream
+
+    async def main():
+        request = _request(engine, max_new_tokens=2)
+        job = _GenJob(1, request, asyncio.get_running_loop(), engine.tokenizer, engine.device)
+        stream = _TokenStream(job, scheduler=None)
+        job.push(TokenEvent(" a", 7, None))
+        first = await stream.__anext__()
+        job.push(TokenEvent(" b", 8, "length"))  # as the worker does, from its thread: queued later
+        job.finished = True
+        events = [first] + [event async for event in stream]
+        return [(e.text, e.finish_reason) for e in events], job.cancelled
+
+    events, cancelled = asyncio.run(main())
+    assert events == [(" a", None), (" b", "length")]
+    assert not cancelled
+
+
 def test_queue_full_raises(engine, loaded):
     async def body(s):
         running = s.generate(_request(engine, None, max_new_tokens=60))
