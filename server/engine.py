@@ -10,8 +10,9 @@ shares with the adapters' rank-sized pages (`server.memory_ledger`): `make_room`
 prefill, to every admitted sequence's full length (prompt + max new tokens), so a running sequence never
 needs memory the budget may no longer have, and the cache is freed when no sequence runs. Each
 row has its own length and positions, so sequences at different points of their generation decode in
-one step. Active rows are kept packed at the front of the cache (a finished row is replaced by the last
-one), so a decode step reads plain views, never a gather of the cache. Only the architectures of
+one step. Active rows are kept packed at the front of the cache (`server.kv_rows`: a finished row is
+replaced by the last one), so a decode step reads plain views, never a gather of the cache. Only the
+architectures of
 `server.attention.SUPPORTED_MODEL_TYPES` are served; any other is refused at start.
 
 Boundary: tensors, slots and token ids. Only the scheduler's worker thread calls `prefill`, `decode`,
@@ -42,12 +43,13 @@ from server.attention import (
     register_attention,
     skip_training_wrappers,
 )
-from server.errors import EngineCapacityError, MemoryBudgetError, SequenceTooLongError
+from server.errors import EngineCapacityError, SequenceTooLongError
 from server.heads import Head
 from server.kv_cache import KVCache
+from server.kv_rows import KVRows
 from server.lora_batch import AdapterBanks
 from server.memory_budget import format_report, plan_memory, process_rss
-from server.memory_ledger import KV, MemoryLedger
+from server.memory_ledger import MemoryLedger
 from server.model_loader import load_base
 
 logger = logging.getLogger(__name__)
@@ -74,16 +76,6 @@ class LoadedAdapter:
     manifest: Manifest
     head: Head | None = field(default=None, repr=False)
     """Task head for classification / NER / reward adapters."""
-
-
-@dataclass
-class _Row:
-    seq_id: int
-    slot: int
-    length: int
-    """Tokens in the cache for this row."""
-    reserve: int
-    """Tokens the row may reach (prompt + max new tokens): the cache holds them from its prefill on."""
 
 
 class Engine:
@@ -293,7 +285,12 @@ class Engine:
             dtype=self.dtype,
             device=self.device,
         )
-        self._rows: list[_Row] = []
+        self.rows = KVRows(self.kv, self.ledger, self.memory.budget, self._set_adapter_limit)
+
+    def _set_adapter_limit(self, nbytes: int) -> None:
+        """The bytes adapters may take now (what the KV cache leaves of the budget): near it, the adapter
+        pools grow by exactly what a load needs (`AdapterBanks.byte_limit`)."""
+        self.banks.byte_limit = nbytes
 
     @property
     def k_cache(self) -> torch.Tensor:
@@ -310,7 +307,7 @@ class Engine:
         ledger; the KV cache's also capped by its ceiling), the budget and the process RSS. Cheap; safe
         from any thread."""
         adapters_used = self.banks.used_bytes + sum(h.nbytes for h in list(self._heads.values()))
-        kv_used = sum(row.length for row in list(self._rows)) * self.kv.bytes_per_token
+        kv_used = self.rows.used_bytes
         free = max(self.ledger.free, 0)
         return {
             "base_bytes": int(self.memory_footprint),
@@ -328,68 +325,21 @@ class Engine:
     @property
     def active_ids(self) -> list[int]:
         """Sequence ids of the rows in the cache, in row order (the order `decode` expects)."""
-        return [row.seq_id for row in self._rows]
+        return self.rows.active_ids
 
     @property
     def free_rows(self) -> int:
-        return self.max_batch_size - len(self._rows)
+        return self.max_batch_size - len(self.rows.rows)
 
     def make_room(self, reserves: list[int]) -> int:
-        """Grow the KV cache so the live rows and one new row per entry of `reserves` (the tokens each may
-        reach) all fit, charging the shared budget. The scheduler calls it before `prefill`; worker only.
-
-        Returns:
-            0 when the cache holds them now. Else the bytes the budget is short: nothing changed, and the
-            ledger keeps the room claimed (adapter loads will not take it) until a later call succeeds.
-        """
-        rows = len(self._rows) + len(reserves)
-        length = max([row.reserve for row in self._rows] + list(reserves))
-        live = len(self._rows), max((row.length for row in self._rows), default=0)
-        for tight in (False, True):  # the usual growth slack if the budget has it, else exactly the need
-            shape = self.kv.shape_for(rows, length, tight=tight)
-            if shape == self.kv.shape or self.ledger.try_set(KV, self.kv.shape_bytes(shape)):
-                self._resize_cache(shape, live)
-                return 0
-        need = self.kv.shape_bytes(shape)
-        self.ledger.want_kv(need)
-        return need - self.ledger.room(KV)
-
-    def _resize_cache(self, shape: tuple[int, int], live: tuple[int, int]) -> None:
-        """Reallocate the KV cache as charged; a device that has less free than the budget assumed
-        refuses the admission (the old cache, and the rows in it, are kept)."""
-        try:
-            self.kv.resize(shape, *live)
-        except torch.OutOfMemoryError as exc:
-            raise MemoryBudgetError(
-                f"The device ran out of memory growing the KV cache to "
-                f"{self.kv.shape_bytes(shape) / 2**20:.1f} MiB inside the "
-                f"{self.memory.budget / 2**20:.0f} MiB memory budget: something else holds device memory.",
-                "Lower --memory-budget (or free the device), or lower --max-batch-size or the context.",
-            ) from exc
-        finally:
-            self._charge_kv()
-            self.ledger.want_kv(0)
-
-    def _charge_kv(self) -> None:
-        """Record the KV cache's allocation in the ledger; the adapter pools, near what is left, grow by
-        exactly what a load needs (`AdapterBanks.byte_limit`)."""
-        self.ledger.set(KV, self.kv.nbytes)
-        self.banks.byte_limit = self.memory.budget - self.kv.nbytes
+        """Grow the KV cache for one new row per entry of `reserves` (the tokens each may reach) beside the
+        live ones, charging the shared budget (`KVRows.make_room`); the scheduler calls it before `prefill`;
+        worker only. -> 0 when they fit now, else the bytes the budget is short."""
+        return self.rows.make_room(reserves)
 
     def release(self, seq_id: int) -> None:
-        """Drop a sequence from the cache (no-op if absent); the last row moves into its place. The last
-        one frees the cache: idle KV memory goes back to the budget adapters share."""
-        index = next((i for i, row in enumerate(self._rows) if row.seq_id == seq_id), None)
-        if index is None:
-            return
-        last = len(self._rows) - 1
-        if index != last:
-            self.kv.move_row(last, index, self._rows[last].length)
-            self._rows[index] = self._rows[last]
-        self._rows.pop()
-        if not self._rows:
-            self.kv.clear()
-            self._charge_kv()
+        """Drop a sequence from the cache (no-op if absent): `KVRows.release`."""
+        self.rows.release(seq_id)
 
     # ---- forward passes --------------------------------------------------------------------------
     @torch.inference_mode()
@@ -416,14 +366,13 @@ class Engine:
             raise EngineCapacityError(f"{len(prompts)} prompts, {self.free_rows} free rows.")
         for prompt in prompts:
             self._check_length(len(prompt))
-        start = len(self._rows)
+        start = len(self.rows.rows)
         ids, lengths = self._pad(prompts)
-        self._grow_cache(start + len(prompts), ids.shape[1])
+        self.rows.ensure(start + len(prompts), ids.shape[1])
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         hidden = self._forward(ids, positions, lengths, slots, cache_rows=(start, len(prompts)))
-        reserves = reserves or [len(p) for p in prompts]
-        for seq_id, slot, prompt, reserve in zip(seq_ids, slots, prompts, reserves, strict=True):
-            self._rows.append(_Row(seq_id, slot, length=len(prompt), reserve=max(reserve, len(prompt))))
+        sizes = [len(p) for p in prompts]
+        self.rows.add(seq_ids, slots, sizes, reserves or sizes)
         last = hidden[torch.arange(len(prompts), device=self.device), lengths - 1]
         return self._logits(last)
 
@@ -434,18 +383,16 @@ class Engine:
         Returns:
             [rows, vocab] fp32 logits for the next token of each row.
         """
-        rows = self._rows
+        rows = self.rows.rows
         if len(tokens) != len(rows):
             raise ValueError(f"decode got {len(tokens)} tokens for {len(rows)} rows")
         for row in rows:
             self._check_length(row.length + 1)
-        self._grow_cache(len(rows), max((r.length for r in rows), default=0) + 1)
+        self.rows.ensure(len(rows), max((r.length for r in rows), default=0) + 1)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(-1, 1)
         positions = torch.tensor([r.length for r in rows], device=self.device).view(-1, 1)
         hidden = self._forward(ids, positions, positions[:, 0] + 1, [r.slot for r in rows], decoding=True)
-        for row in rows:
-            row.length += 1
-            row.reserve = max(row.reserve, row.length)
+        self.rows.advance()
         return self._logits(hidden[:, -1])
 
     @torch.inference_mode()
@@ -461,13 +408,6 @@ class Engine:
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         hidden = self._forward(ids, positions, lengths, slots)
         return [hidden[i, : len(p)] for i, p in enumerate(prompts)]
-
-    def _grow_cache(self, rows: int, length: int) -> None:
-        """Make the KV cache hold `rows` rows of `length` tokens (the live rows are kept). A no-op after
-        `make_room`; a caller that skipped it (tests, warm-up) is charged as a fact, not refused."""
-        live_len = max((row.length for row in self._rows), default=0)
-        self.kv.ensure(rows, length, len(self._rows), live_len)
-        self._charge_kv()
 
     def _check_length(self, n: int) -> None:
         if n < 1 or n > self.max_seq_len:

@@ -7,7 +7,7 @@ live part into a larger tensor (both exist for the copy; the budget bounds what 
 engine's worker thread touches the cache, so nothing else can be reading it meanwhile. The engine charges
 what is allocated to the shared budget (`server.memory_ledger`) and may ask for a `tight` shape (no growth
 slack) when the budget is short, or `clear` the cache when no sequence runs, so idle KV memory is given
-back to adapters. Rows stay packed at the front (`server.engine` moves the last row into a freed one),
+back to adapters. Rows stay packed at the front (`server.kv_rows` moves the last row into a freed one),
 so `server.attention` reads plain views `[:rows, :, :length]` whatever the allocation.
 
 Boundary: tensors only; which sequence owns which row is the engine's business.
