@@ -172,6 +172,8 @@ class AdapterCache:
         entry.last_used = time.time()
         if entry.leases == 0:
             self._wake_head()
+            if self.ledger is not None:
+                self.ledger.note_idle()  # a sequence waiting for memory may now evict it
 
     # ---- pins and unloads ----------------------------------------------------------------------
     async def pin(

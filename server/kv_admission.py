@@ -49,8 +49,9 @@ class KVAdmission:
         self._wake = wake
         self._reclaim: Future[int] | None = None
         """The adapter evictions asked for the head of the queue, if any."""
-        self._epoch = 0
-        """`retired` when the last eviction was asked."""
+        self._epoch: tuple[int, int] = (0, 0)
+        """(`retired`, the ledger's `idle_epoch`) when the last eviction was asked: a change of either means
+        an adapter may have become evictable since."""
         self._stuck_since: float | None = None
 
     def admit(self, reserves: list[int], *, running: bool, retired: int) -> int:
@@ -83,6 +84,7 @@ class KVAdmission:
         if last is not None and not last.done():
             return  # an eviction is under way; it wakes the worker when done
         freed_nothing = last is not None and _freed(last) == 0
+        epoch = (retired, self.engine.ledger.idle_epoch)
         if freed_nothing and not running:
             now = time.monotonic()
             self._stuck_since = self._stuck_since or now
@@ -93,11 +95,11 @@ class KVAdmission:
                     f"fit: {self.engine.ledger.describe()}, {short / 2**20:.2f} MiB short, and no idle "
                     "adapter is left to evict (the rest are pinned or serve other requests)."
                 )
-        elif freed_nothing and retired == self._epoch:
-            return  # nothing evictable: wait for a running sequence to finish (and its adapter to idle)
+        elif freed_nothing and epoch == self._epoch:
+            return  # nothing evictable: wait for a sequence to finish or an adapter's last lease to end
         else:
             self._stuck_since = None
-        self._epoch = retired
+        self._epoch = epoch
         try:
             self._reclaim = self.engine.ledger.reclaim(short)
         except RuntimeError:  # the event loop is gone (shutting down): nothing will be evicted

@@ -43,6 +43,9 @@ class MemoryLedger:
         self._charges = {ADAPTERS: 0, KV: 0}
         self._kv_target = 0
         self._listeners: list[Callable[[], None]] = []
+        self.idle_epoch = 0
+        """Bumped each time an adapter's last lease ends (`note_idle`): an eviction that found nothing idle
+        before may now free bytes."""
         self.reclaimer: Reclaimer | None = None
         """Set by whoever can free adapter bytes (the app wires the adapter cache); None: nothing can."""
 
@@ -108,6 +111,13 @@ class MemoryLedger:
             done.set_result(0)
             return done
         return self.reclaimer(nbytes)
+
+    def note_idle(self) -> None:
+        """An adapter just became evictable (its last lease ended): bump `idle_epoch` and wake the listeners,
+        so a sequence waiting for memory asks for evictions again instead of waiting for a retirement."""
+        with self._lock:
+            self.idle_epoch += 1
+        self._notify()
 
     def on_free(self, listener: Callable[[], None]) -> None:
         """Call `listener` (from any thread) whenever a charge or the KV target drops."""

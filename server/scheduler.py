@@ -6,9 +6,9 @@ budget holds its KV cache at full length (`server.kv_admission`: idle adapters a
 and one that can never fit gets a `MemoryBudgetError`). It runs one shared decode step for every
 running sequence whatever its adapter, retires finished or cancelled ones, and batches pending
 classify / NER / score inputs of any adapters into shared forward passes. Token events flow back to
-each request's asyncio queue with `call_soon_threadsafe`. Choosing tokens is `server.sampling`'s, turning
-them into text and stop decisions `server.detokenize`'s, and turning hidden states into task answers
-`server.heads`'; task inputs arrive tokenized (`server.prompts`).
+each request's asyncio queue with `call_soon_threadsafe` (`server.scheduler_jobs`). Choosing tokens is
+`server.sampling`'s, turning them into text and stop decisions `server.detokenize`'s, and turning hidden
+states into task answers `server.heads`'; task inputs arrive tokenized (`server.prompts`).
 
 Boundary: batching and the worker thread; no HTTP, no tokenizing. The engine is only touched from the
 worker thread (adapter loads excepted, which the engine makes thread-safe).
@@ -23,11 +23,9 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import torch
 
-from server.detokenize import SequenceOutput
 from server.engine import Engine, LoadedAdapter
 from server.errors import (
     MemoryBudgetError,
@@ -39,7 +37,8 @@ from server.errors import (
 from server.heads import CLASSIFICATION, NER, REWARD, task_result
 from server.kv_admission import KVAdmission
 from server.requests import GenerationRequest, TaskInput, TokenEvent
-from server.sampling import new_generator, sample_tokens, suppress, token_logprobs
+from server.sampling import sample_tokens, suppress, token_logprobs
+from server.scheduler_jobs import GenJob, TaskJob, TokenStream
 
 logger = logging.getLogger(__name__)
 
@@ -47,95 +46,6 @@ logger = logging.getLogger(__name__)
 MEMORY_POLL_S = 0.05
 """How often a worker waiting for memory with nothing else to do looks again (it is also woken whenever
 bytes are freed)."""
-
-
-class _GenJob:
-    """A generation request in flight: its stream, generator and output so far."""
-
-    def __init__(self, seq_id: int, request: GenerationRequest, loop, tokenizer, device) -> None:
-        self.seq_id = seq_id
-        self.request = request
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = False
-        self.finished = False
-        """Set by the worker once it has pushed this job's last item (which may not be queued yet)."""
-        self.output = SequenceOutput(request, tokenizer)
-        self.generator = new_generator(request, device)
-
-    @property
-    def slot(self) -> int:
-        return self.request.adapter.slot if self.request.adapter else 0
-
-    def push(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-
-class _TokenStream:
-    """The async iterator `Scheduler.generate` returns; closing it cancels the request.
-
-    It ends on what it reads from the queue (an event with a finish reason, or an error), never on the
-    job's `finished` flag: the worker sets that flag right after `push`, whose put reaches the queue only
-    when the event loop next runs its callbacks, so "finished and the queue empty" could be seen with the
-    last token still on its way, and the answer would silently lose it.
-    """
-
-    def __init__(self, job: _GenJob, scheduler: Scheduler) -> None:
-        self._job = job
-        self._scheduler = scheduler
-        self._ended = False
-        """A terminal item was read (event loop thread only)."""
-
-    def __aiter__(self) -> _TokenStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._ended:
-            raise StopAsyncIteration
-        try:
-            item = await self._job.queue.get()
-        except BaseException:
-            self._cancel()
-            raise
-        if isinstance(item, BaseException):
-            self._ended = True
-            raise item
-        self._ended = item.finish_reason is not None
-        return item
-
-    async def aclose(self) -> None:
-        self._cancel()
-
-    def _cancel(self) -> None:
-        if not (self._ended or self._job.finished):
-            self._job.cancelled = True
-            self._scheduler._wake()
-
-    def __del__(self) -> None:
-        if not (self._ended or self._job.finished):
-            self._job.cancelled = True
-
-
-class _TaskJob:
-    """A classify / NER / score call: its inputs, and the future its results resolve."""
-
-    def __init__(self, kind: str, adapter: LoadedAdapter, inputs: list[TaskInput], loop) -> None:
-        self.kind, self.adapter, self.inputs, self.loop = kind, adapter, inputs, loop
-        self.future: asyncio.Future = loop.create_future()
-        self.results: list[Any] = [None] * len(inputs)
-        self.next = 0
-        self.done = 0
-
-    def resolve(self, value: Any = None, error: BaseException | None = None) -> None:
-        def _set() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(value)
-
-        self.loop.call_soon_threadsafe(_set)
 
 
 class Scheduler:
@@ -146,9 +56,9 @@ class Scheduler:
         self.max_batch_size = min(max_batch_size, engine.max_batch_size)
         self.max_queue = max_queue
         self.max_task_rows = 4 * self.max_batch_size
-        self._pending: collections.deque[_GenJob] = collections.deque()
-        self._tasks: collections.deque[_TaskJob] = collections.deque()
-        self._running: dict[int, _GenJob] = {}
+        self._pending: collections.deque[GenJob] = collections.deque()
+        self._tasks: collections.deque[TaskJob] = collections.deque()
+        self._running: dict[int, GenJob] = {}
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -233,12 +143,12 @@ class Scheduler:
         self._admit_check()
         _validate(request, self.engine.max_seq_len)
         loop = asyncio.get_running_loop()
-        job = _GenJob(next(self._ids), request, loop, self.engine.tokenizer, self.engine.device)
+        job = GenJob(next(self._ids), request, loop, self.engine.tokenizer, self.engine.device)
         with self._cond:
             self._pending.append(job)
             self.stats["queue_depth"] = len(self._pending) + len(self._tasks)
             self._cond.notify_all()
-        return _TokenStream(job, self)
+        return TokenStream(job, self._wake)
 
     async def classify(self, adapter: LoadedAdapter, inputs: list[TaskInput]) -> list[dict]:
         """Label each input: [{"label": str, "scores": {label: probability}}]."""
@@ -267,7 +177,7 @@ class Scheduler:
             self._check_input(item.ids)
         if adapter.head is None:
             raise ValueError(f"Adapter {adapter.key} ({adapter.task}) has no task head.")
-        job = _TaskJob(kind, adapter, inputs, asyncio.get_running_loop())
+        job = TaskJob(kind, adapter, inputs, asyncio.get_running_loop())
         with self._cond:
             self._tasks.append(job)
             self.stats["queue_depth"] = len(self._pending) + len(self._tasks)
@@ -276,25 +186,49 @@ class Scheduler:
 
     # ---- worker ----------------------------------------------------------------------------------
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._halt:
-                with self._cond:
-                    while not self._has_work() and not self._stopping:
-                        self._cond.wait(timeout=0.5)
-                    if self._stopping and not self._has_work():
-                        return
-                try:
-                    self._step()
-                except Exception as exc:  # noqa: BLE001 - the worker must survive a failed step
-                    logger.exception("engine step failed; failing the running requests")
-                    self._fail_running(exc)
+        try:
+            with torch.inference_mode():
+                while not self._halt:
+                    with self._cond:
+                        while not self._has_work() and not self._stopping:
+                            self._cond.wait(timeout=0.5)
+                        if self._stopping and not self._has_work():
+                            return
+                    try:
+                        self._step()
+                    except Exception as exc:  # noqa: BLE001 - the worker must survive a failed step
+                        logger.exception("engine step failed; failing the running requests")
+                        self._fail_running(exc)
+        except BaseException as exc:
+            # Only an error while failing the running requests (say, a device that keeps failing) gets
+            # here: nothing would answer the queue any more, so refuse new work and end every request.
+            logger.exception("the engine worker stopped; failing every request")
+            self._stopping = True
+            self._fail_all(exc)
 
     def _fail_running(self, exc: Exception) -> None:
-        """After an unexpected error, end every running request with it and free the cache."""
-        for job in list(self._running.values()):
+        """After an unexpected error, end every running request with it, then free their rows."""
+        jobs = list(self._running.values())
+        for job in jobs:  # every stream gets its error first, whatever freeing the cache does next
             job.finished = True
             job.push(exc)
+        for job in jobs:
             self._retire(job)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """End every request, queued, running or a task, with `exc` (the worker is going away)."""
+        error = exc if isinstance(exc, Exception) else SchedulerStoppedError("The engine worker stopped.")
+        with self._cond:
+            jobs = [*self._pending, *self._running.values()]
+            tasks = list(self._tasks)
+            self._pending.clear()
+            self._tasks.clear()
+        self._running.clear()
+        for job in jobs:
+            job.finished = True
+            job.push(error)
+        for task in tasks:
+            task.resolve(error=error)
 
     def _step(self) -> None:
         self._retire_cancelled()
@@ -314,7 +248,7 @@ class Scheduler:
         with self._cond:
             self._pending = collections.deque(j for j in self._pending if not j.cancelled)
 
-    def _retire(self, job: _GenJob) -> None:
+    def _retire(self, job: GenJob) -> None:
         self.engine.release(job.seq_id)
         del self._running[job.seq_id]
         self._retired += 1
@@ -336,9 +270,8 @@ class Scheduler:
         admitted, reserves = candidates[:count], reserves[:count]
         if not admitted:
             return False
-        with self._cond:
-            for _ in admitted:  # the worker alone removes from the left: these are still the first
-                self._pending.popleft()
+        # The admitted stay in `_pending` until they are in `_running` (or failed): `stop` drains while
+        # either holds work, so a prefill under way is never taken for an idle queue.
         try:
             logits = self.engine.prefill(
                 [j.seq_id for j in admitted],
@@ -351,11 +284,22 @@ class Scheduler:
             for job in admitted:
                 job.finished = True
                 job.push(exc)
+            self._dequeue(len(admitted))
+            for job in admitted:
+                self.engine.release(job.seq_id)  # rows a late failure (after the cache write) left behind
             return True
         for job in admitted:
             self._running[job.seq_id] = job
+        self._dequeue(len(admitted))
         self._emit(admitted, logits)
         return True
+
+    def _dequeue(self, count: int) -> None:
+        """Drop the first `count` pending jobs (the worker alone removes from the left: they are still the
+        ones it admitted)."""
+        with self._cond:
+            for _ in range(count):
+                self._pending.popleft()
 
     def _refuse(self, exc: MemoryBudgetError) -> None:
         """Fail the head of the queue with `exc`."""
@@ -373,7 +317,7 @@ class Scheduler:
         self.stats["batches"] += 1
         self._emit(jobs, logits)
 
-    def _emit(self, jobs: list[_GenJob], logits: torch.Tensor) -> None:
+    def _emit(self, jobs: list[GenJob], logits: torch.Tensor) -> None:
         """Sample one token per job, push its event, retire the finished (and rows gone non-finite)."""
         jobs, logits = self._drop_non_finite(jobs, logits)
         if not jobs:
@@ -390,9 +334,7 @@ class Scheduler:
                 job.finished = True
                 self._retire(job)
 
-    def _drop_non_finite(
-        self, jobs: list[_GenJob], logits: torch.Tensor
-    ) -> tuple[list[_GenJob], torch.Tensor]:
+    def _drop_non_finite(self, jobs: list[GenJob], logits: torch.Tensor) -> tuple[list[GenJob], torch.Tensor]:
         """Fail (and retire) each job whose row of `logits` holds NaN or infinity; -> the others' rows.
 
         A row's values never mix with another row's in the forward, so one adapter (or input) that
@@ -416,7 +358,7 @@ class Scheduler:
     def _run_tasks(self) -> bool:
         """One shared forward over pending task inputs of any adapters (up to max_task_rows); -> whether
         there were any."""
-        batch: list[tuple[_TaskJob, int]] = []
+        batch: list[tuple[TaskJob, int]] = []
         with self._cond:
             while self._tasks and len(batch) < self.max_task_rows:
                 job = self._tasks[0]
@@ -432,7 +374,7 @@ class Scheduler:
                 [job.inputs[i].ids for job, i in batch], [job.adapter.slot for job, _ in batch]
             )
             pad = self.engine.config.pad_token_id
-            failed: dict[int, _TaskJob] = {}
+            failed: dict[int, TaskJob] = {}
             for (job, i), states in zip(batch, hidden, strict=True):
                 if not bool(torch.isfinite(states).all()):  # this input alone; the rest are answered
                     failed[id(job)] = job

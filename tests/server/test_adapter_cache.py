@@ -271,3 +271,23 @@ def test_pins_never_take_every_slot():
 
     run(scenario())
     assert loader.loads.count("c") == 1
+
+
+def test_the_last_lease_ending_tells_the_ledger_an_adapter_idles():
+    """The KV admission waiting for memory asks for evictions again when an adapter becomes evictable."""
+    from server.memory_ledger import MemoryLedger
+
+    loader, ledger = Loader(), MemoryLedger(10_000)
+    wakes: list[int] = []
+    ledger.on_free(lambda: wakes.append(ledger.idle_epoch))
+
+    async def scenario() -> None:
+        cache = AdapterCache(loader.unload, max_adapters=2, ledger=ledger)
+        await cache.acquire("a", loader.load("a"))
+        await cache.acquire("a", loader.load("a"))
+        cache.release("a")
+        assert ledger.idle_epoch == 0  # still leased once
+        cache.release("a")
+
+    run(scenario())
+    assert ledger.idle_epoch == 1 and wakes[-1] == 1

@@ -6,6 +6,7 @@ Task inputs are tokenized by `server.prompts`, as the routes do, so these tests 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -159,12 +160,12 @@ def test_the_last_token_pushed_just_before_finished_is_still_read(engine):
     the event loop runs its callbacks. A stream that stopped on "finished and the queue empty" dropped that
     last token (seen as a 1-token answer to a 2-token request under load); it must end on the event."""
     from server.requests import TokenEvent
-    from server.scheduler import _GenJob, _TokenStream
+    from server.scheduler_jobs import GenJob, TokenStream
 
     async def main():
         request = _request(engine, max_new_tokens=2)
-        job = _GenJob(1, request, asyncio.get_running_loop(), engine.tokenizer, engine.device)
-        stream = _TokenStream(job, scheduler=None)
+        job = GenJob(1, request, asyncio.get_running_loop(), engine.tokenizer, engine.device)
+        stream = TokenStream(job, wake=lambda: None)
         job.push(TokenEvent(" a", 7, None))
         first = await stream.__anext__()
         job.push(TokenEvent(" b", 8, "length"))  # as the worker does, from its thread: queued later
@@ -175,6 +176,84 @@ def test_the_last_token_pushed_just_before_finished_is_still_read(engine):
     events, cancelled = asyncio.run(main())
     assert events == [(" a", None), (" b", "length")]
     assert not cancelled
+
+
+def test_a_prefill_that_fails_after_writing_the_cache_leaves_no_row_behind(engine, loaded, monkeypatch):
+    """Rows recorded before a late failure (here lm_head) were never running: the next decode looked them up
+    and failed every later step. They are released; the next request is served."""
+    real_logits = engine._logits
+    calls = {"n": 0}
+
+    def failing_once(hidden):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("lm_head failed")
+        return real_logits(hidden)
+
+    monkeypatch.setattr(engine, "_logits", failing_once)
+
+    async def body(s):
+        with pytest.raises(RuntimeError, match="lm_head failed"):
+            await _collect(s.generate(_request(engine, loaded["gen-a"], max_new_tokens=3)))
+        assert engine.active_ids == []
+        return await _collect(s.generate(_request(engine, loaded["gen-a"], max_new_tokens=3)))
+
+    assert len(_run(engine, body)) == 3
+
+
+def test_stop_drains_a_request_whose_prefill_is_under_way(engine, loaded, monkeypatch):
+    """Admitted jobs are neither pending nor running while their prefill runs; `stop` must still see them
+    as work to drain (a SIGTERM during a rolling deploy) rather than fail them."""
+    import threading
+
+    started, real_prefill = threading.Event(), engine.prefill
+
+    def slow_prefill(*args, **kwargs):
+        started.set()
+        time.sleep(0.3)
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prefill", slow_prefill)
+
+    async def main():
+        scheduler = Scheduler(engine)
+        await scheduler.start()
+        stream = scheduler.generate(_request(engine, loaded["gen-a"], max_new_tokens=3))
+        collecting = asyncio.ensure_future(_collect(stream))
+        await asyncio.to_thread(started.wait, 10)
+        await scheduler.stop(drain_timeout=10)
+        return await collecting
+
+    events = asyncio.run(main())
+    assert len(events) == 3 and events[-1].finish_reason == "length"
+
+
+def test_a_worker_that_cannot_recover_fails_every_request_and_refuses_new_ones(engine, loaded, monkeypatch):
+    """When freeing the rows after a failed step fails too, the worker thread ends: every stream must get an
+    error (none waits forever) and new requests a 503-mapped error instead of a queue nobody serves."""
+    from server.errors import SchedulerStoppedError
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    async def main():
+        scheduler = Scheduler(engine)
+        await scheduler.start()
+        running = scheduler.generate(_request(engine, loaded["gen-a"], max_new_tokens=50))
+        await running.__anext__()
+        monkeypatch.setattr(engine, "decode", broken)
+        monkeypatch.setattr(engine, "release", broken)
+        with pytest.raises(RuntimeError, match="device lost"):
+            await asyncio.wait_for(_collect(running), 10)
+        await asyncio.to_thread(scheduler._thread.join, 10)
+        with pytest.raises(SchedulerStoppedError):
+            scheduler.generate(_request(engine, None, max_new_tokens=2))
+        monkeypatch.undo()
+        for seq_id in engine.active_ids:  # the rows the broken release could not free
+            engine.release(seq_id)
+        await scheduler.stop(drain_timeout=1)
+
+    asyncio.run(main())
 
 
 def test_queue_full_raises(engine, loaded):
