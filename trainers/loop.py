@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -83,11 +84,23 @@ def create_accelerator(config: TrainConfig) -> Accelerator:
     cpu = config.cpu or not torch.cuda.is_available()
     precision = resolve_precision(config, cpu)
     logger.info("training on %s with %s compute", "cpu" if cpu else "cuda", precision)
+    mixed_precision = "bf16" if precision == "bf16" else "no"
+    _allow_precision(mixed_precision)
     return Accelerator(
-        cpu=cpu,
-        mixed_precision="bf16" if precision == "bf16" else "no",
-        gradient_accumulation_steps=config.grad_accum,
+        cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=config.grad_accum
     )
+
+
+def _allow_precision(mixed_precision: str) -> None:
+    """Let a later run in the same process (a notebook, a sweep, a test session) use another precision.
+
+    accelerate keeps one `AcceleratorState` per process and refuses an Accelerator whose mixed precision
+    differs from the first one's; its per-run part is reset here, never the distributed part
+    (`PartialState`: torchrun's process group), which is the same for every run of a process.
+    """
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def default_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:

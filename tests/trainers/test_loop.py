@@ -80,3 +80,13 @@ def test_optimizer_comes_from_the_method_and_needs_trainable_weights() -> None:
     model.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer(model, config(), torch.device("cpu"))
+
+
+def test_runs_of_another_precision_in_the_same_process() -> None:
+    """accelerate keeps one state per process and refused a second Accelerator of another mixed precision
+    (a bf16 run, then an fp32 one: a notebook, a sweep, this test session); each run gets its own."""
+    first = create_accelerator(config(precision="bf16"))
+    assert first.mixed_precision == "bf16"
+    second = create_accelerator(config(precision="fp32"))
+    assert second.mixed_precision == "no"
+    assert create_accelerator(config(precision="bf16")).mixed_precision == "bf16"
