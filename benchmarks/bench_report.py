@@ -30,13 +30,14 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("peak_rss_mib", "peak RSS MiB"),
     ("cache_hit_rate", "cache hit rate"),
     ("mean_load_ms", "mean load ms"),
+    ("median_load_ms", "median load ms"),
     ("errors", "errors"),
 )
 
 
 _MEDIAN_KEYS = (
     "tokens_per_s", "requests_per_s", "ttft_p50_ms", "ttft_p95_ms", "latency_p50_ms", "latency_p95_ms",
-    "cache_hit_rate", "mean_load_ms", "wall_s",
+    "cache_hit_rate", "mean_load_ms", "median_load_ms", "wall_s",
 )  # fmt: skip
 _SUM_KEYS = ("requests", "ok", "errors", "generated_tokens")
 

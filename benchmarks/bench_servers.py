@@ -145,17 +145,44 @@ def running(server: ServerProcess, timeout_s: float) -> Iterator[ServerProcess]:
 
 
 # ---- server metrics -----------------------------------------------------------------------------------
+_LE = re.compile(r'le="([^"]+)"')
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN|[+-]Inf)\s*$")
 
 
 def parse_prometheus(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {metric name: sum over label sets}."""
+    """Prometheus text exposition -> {metric name: sum over label sets}; histogram buckets keep their bound
+    (`name_bucket{le="0.05"}`)."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line.strip())
         if match:
-            totals[match.group(1)] = totals.get(match.group(1), 0.0) + float(match.group(3))
+            name = match.group(1)
+            bound = _LE.search(match.group(2) or "") if name.endswith("_bucket") else None
+            if bound is not None:
+                name += f'{{le="{bound.group(1)}"}}'
+            totals[name] = totals.get(name, 0.0) + float(match.group(3))
     return totals
+
+
+def histogram_median(before: dict[str, float], after: dict[str, float], name: str) -> float | None:
+    """Median of the observations a histogram got between two scrapes, interpolated linearly inside its
+    bucket (Prometheus' histogram_quantile); the lower bound when it falls in +Inf; None without any."""
+    prefix = f"{name}_bucket{{"
+    counts = sorted(
+        (float(_LE.search(key).group(1)), value - before.get(key, 0.0))
+        for key, value in after.items()
+        if key.startswith(prefix)
+    )
+    if not counts or counts[-1][1] <= 0:
+        return None
+    half, lower, below = counts[-1][1] / 2, 0.0, 0.0
+    for bound, count in counts:
+        if count >= half:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * (half - below) / (count - below)
+        lower, below = bound, count
+    return lower
 
 
 def scrape(url: str, client: httpx.Client | None = None) -> dict[str, float]:
@@ -175,7 +202,7 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
 
     prefix = "adapterdock_adapter_cache_"
     if prefix + "hits_total" not in after:
-        return {"cache_hit_rate": None, "mean_load_ms": None, "loads": None}
+        return {"cache_hit_rate": None, "mean_load_ms": None, "median_load_ms": None, "loads": None}
     hits, misses = delta(prefix + "hits_total"), delta(prefix + "misses_total")
     coalesced, loads = delta(prefix + "coalesced_total"), delta(prefix + "loads_total")
     lookups = hits + misses + coalesced
@@ -183,6 +210,11 @@ def cache_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     return {
         "cache_hit_rate": round(hits / lookups, 3) if lookups else None,
         "mean_load_ms": round(1000 * seconds / loads, 1) if loads else None,
+        "median_load_ms": _ms(histogram_median(before, after, "adapterdock_adapter_load_latency_seconds")),
         "loads": int(loads),
         "evictions": int(delta(prefix + "evictions_total")),
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)

@@ -213,30 +213,35 @@ def adapterdock_cmd(
     cache: int,
     dtype: str = "auto",
     threads: int | None = None,
+    load_threads: int | None = None,
 ) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "server",
-        "--base",
-        args.base,
-        "--quantize",
-        quantize,
-        "--dtype",
-        dtype,
-        "--registry",
-        str(registry),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-adapters",
-        str(cache),
-        "--max-batch-size",
-        str(args.max_batch_size),
-        "--max-new-tokens",
-        str(max(args.new_tokens, 64)),
-    ] + ([] if threads is None else ["--threads", str(threads)])
+    return (
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--base",
+            args.base,
+            "--quantize",
+            quantize,
+            "--dtype",
+            dtype,
+            "--registry",
+            str(registry),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-adapters",
+            str(cache),
+            "--max-batch-size",
+            str(args.max_batch_size),
+            "--max-new-tokens",
+            str(max(args.new_tokens, 64)),
+        ]
+        + ([] if threads is None else ["--threads", str(threads)])
+        + ([] if load_threads is None else ["--load-threads", str(load_threads)])
+    )
 
 
 def naive_cmd(args: argparse.Namespace, folders: dict[str, Path], port: int) -> list[str]:
@@ -343,6 +348,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         nargs="+",
         help="our servers' compute threads, one server each (default: theirs)",
+    )
+    parser.add_argument(
+        "--load-threads",
+        type=int,
+        nargs="+",
+        help="our servers' adapter load threads, one server each (default: theirs)",
     )
     parser.add_argument("--cold-loads", type=int, default=20, help="cold-load measurements (0: skip)")
     parser.add_argument("--cycle", type=int, default=200, help="distinct adapters cycled (0: skip)")
@@ -460,11 +471,15 @@ class Bench:
             logger.error("%s failed: %s", server.name, err)
             self.results["servers"][server.name] = {"error": str(err)[-2000:]}
 
-    def adapterdock(self, quantize: str, dtype: str = "auto", threads: int | None = None) -> ServerProcess:
+    def adapterdock(
+        self, quantize: str, dtype: str = "auto", threads: int | None = None, loaders: int | None = None
+    ) -> ServerProcess:
         name = f"adapterdock-{quantize}" + ("" if dtype == "auto" else f"-{dtype}")
-        name += "" if threads is None else f"-t{threads}"
+        name += ("" if threads is None else f"-t{threads}") + ("" if loaders is None else f"-l{loaders}")
         port = free_port()
-        cmd = adapterdock_cmd(self.args, quantize, self.registry, port, self.args.cache_size, dtype, threads)
+        cmd = adapterdock_cmd(
+            self.args, quantize, self.registry, port, self.args.cache_size, dtype, threads, loaders
+        )
         return ServerProcess(name, cmd, port, self.logs / f"{name}.log")
 
     def peer(self, name: str, scenarios: list[str]) -> ServerProcess:
@@ -554,7 +569,9 @@ def run_all(
     for quantize in args.quantize:
         for dtype in args.dtype:
             for threads in args.threads or [None]:
-                bench.measure(bench.adapterdock(quantize, dtype, threads), args.scenarios, plan)
+                for loaders in args.load_threads or [None]:
+                    server = bench.adapterdock(quantize, dtype, threads, loaders)
+                    bench.measure(server, args.scenarios, plan)
     if args.naive_requests:
         naive = bench.peer("naive-peft", args.naive_scenarios)
         bench.measure(naive, args.naive_scenarios, {top: args.naive_requests})

@@ -29,6 +29,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,9 @@ from server.errors import AdapterBusyError, AdapterInUseError, AdapterTooLargeEr
 from server.memory_ledger import ADAPTERS, MemoryLedger
 
 logger = logging.getLogger(__name__)
+
+LOAD_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
+"""Upper bounds of the load-time histogram (`adapterdock_adapter_load_latency_seconds`), in seconds."""
 
 HINT_SLACK = 2
 """A load's size hint is its files' size; served in a narrower dtype (fp32 files, bf16 compute) it takes up
@@ -82,6 +86,9 @@ class AdapterCache:
         max_bytes: most bytes of resident adapters; None for no byte limit of their own.
         wait_timeout: seconds a load waits for a slot when all are pinned or in use.
         ledger: the memory budget shared with the KV cache, charged with the resident and reserved bytes.
+        load_threads: threads that run loads and unloads, in the order asked. One by default: loads
+            sharing the cores (and the GIL) with the engine all finished late when a burst ran at once
+            (benchmarks/results/serve_bench_smollm2_loaders.md); in turn, the first is ready first.
     """
 
     def __init__(
@@ -92,9 +99,11 @@ class AdapterCache:
         max_bytes: int | None = None,
         wait_timeout: float = 30.0,
         ledger: MemoryLedger | None = None,
+        load_threads: int = 1,
     ) -> None:
-        if max_adapters < 1:
-            raise ValueError("max_adapters must be at least 1")
+        if max_adapters < 1 or load_threads < 1:
+            raise ValueError("max_adapters and load_threads must be at least 1")
+        self._worker = ThreadPoolExecutor(load_threads, thread_name_prefix="adapterdock-load")
         self._unload = unload
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
@@ -113,6 +122,7 @@ class AdapterCache:
             "load_failures": 0,
             "evictions": 0,
             "load_seconds_total": 0.0,
+            "load_seconds_buckets": [0] * len(LOAD_SECONDS_BUCKETS),
         }
 
     # ---- leases --------------------------------------------------------------------------------
@@ -227,7 +237,7 @@ class AdapterCache:
         if entry.leases:
             raise AdapterInUseError(f"Adapter {key} is in use by {entry.leases} in-flight request(s).")
         del self._entries[key]
-        await asyncio.to_thread(self._unload, entry.adapter)
+        await self._off_loop(self._unload, entry.adapter)
         self._sync()
         logger.info("unloaded adapter %s on request", key)
         self._wake_head()
@@ -263,11 +273,13 @@ class AdapterCache:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters (hits, misses, coalesced, loads, load_failures, evictions, load_seconds_total)
-        and gauges (resident, resident_bytes, pinned, in_use, loading, waiting)."""
+        """Counters (hits, misses, coalesced, loads, load_failures, evictions, load_seconds_total, and
+        load_seconds_buckets: loads per `LOAD_SECONDS_BUCKETS` bound, cumulative) and gauges (resident,
+        resident_bytes, pinned, in_use, loading, waiting)."""
         entries = self._entries.values()
         return {
             **self._stats,
+            "load_seconds_buckets": list(self._stats["load_seconds_buckets"]),
             "resident": len(self._entries),
             "resident_bytes": sum(e.nbytes for e in entries),
             "pinned": sum(e.pinned for e in entries),
@@ -287,8 +299,8 @@ class AdapterCache:
             reserved = True
             for victim in victims:
                 await self._unload_evicted(victim, f"to make room for {key}")
-            started = time.perf_counter()
-            adapter = await asyncio.to_thread(load)
+            started = time.perf_counter()  # from the ask, so a load waiting for the worker counts it
+            adapter = await self._off_loop(load)
             seconds = time.perf_counter() - started
             await self._check_fits(key, adapter)
             landed = True
@@ -316,6 +328,9 @@ class AdapterCache:
         await self._trim(key)
         self._stats["loads"] += 1
         self._stats["load_seconds_total"] += seconds
+        buckets = self._stats["load_seconds_buckets"]
+        for i, bound in enumerate(LOAD_SECONDS_BUCKETS):  # cumulative, as Prometheus histograms are
+            buckets[i] += seconds <= bound
         logger.info("loaded adapter %s (%d bytes) in %.3fs", key, entry.nbytes, seconds)
         return entry
 
@@ -392,7 +407,7 @@ class AdapterCache:
         nbytes = int(getattr(adapter, "nbytes", 0) or 0)
         ceiling = self._ceiling()
         if ceiling is not None and nbytes > ceiling:
-            await asyncio.to_thread(self._unload, adapter)
+            await self._off_loop(self._unload, adapter)
             raise AdapterTooLargeError(
                 f"Adapter {key} takes {nbytes / 2**20:.1f} MiB loaded; adapters may take at most "
                 f"{ceiling / 2**20:.1f} MiB{self._ceiling_source()}, so it can never stay resident."
@@ -404,9 +419,17 @@ class AdapterCache:
 
     async def _unload_evicted(self, victim: CacheEntry, reason: str) -> None:
         """Free the slot of an entry already taken out of the cache, and count and log the eviction."""
-        await asyncio.to_thread(self._unload, victim.adapter)
+        await self._off_loop(self._unload, victim.adapter)
         self._stats["evictions"] += 1
         logger.info("evicted adapter %s (least recently used) %s", victim.key, reason)
+
+    def close(self) -> None:
+        """Let the load worker's thread end once idle (the app calls it at shutdown)."""
+        self._worker.shutdown(wait=False)
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking load or unload on the load worker (in the order asked)."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _evictable(self, entry: CacheEntry) -> bool:
         """Still resident, idle and unpinned (a list of victims may be stale after an await)."""
@@ -472,7 +495,7 @@ class AdapterCache:
                 "Retry when they finish.",
             )
         del self._entries[entry.key]
-        await asyncio.to_thread(self._unload, entry.adapter)
+        await self._off_loop(self._unload, entry.adapter)
         self._sync()
         logger.info("evicted adapter %s: its registered files changed", entry.key)
         self._wake_head()

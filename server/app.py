@@ -181,7 +181,9 @@ async def _start(
         max_bytes=config.max_adapter_bytes,
         wait_timeout=config.adapter_wait_timeout,
         ledger=getattr(state.engine, "ledger", None),
+        load_threads=config.load_threads,
     )
+    state.closers.append(state.cache.close)
     _share_budget(state)
     state.metrics.bind(cache=state.cache, scheduler=state.scheduler, engine=state.engine)
     for ref in config.preload:

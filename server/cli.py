@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--quantize", "quantize", choices=QUANTIZE_CHOICES)
     add("--dtype", "dtype", choices=DTYPE_CHOICES)
     add("--threads", "threads", type=int, metavar="N")
+    add("--load-threads", "load_threads", type=int, metavar="N")
     add("--registry", "registry", type=Path)
     add("--hub", "hub", metavar="URL")
     add("--hub-refresh", "hub_refresh", type=float, metavar="SECONDS")

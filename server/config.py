@@ -40,6 +40,9 @@ class ServerConfig:
     threads: int | None = None
     """CPU compute threads (torch intra-op); None: every core this process may use but one, kept for the
     HTTP event loop and tokenizer (as vLLM's CPU build reserves one), or $OMP_NUM_THREADS when set."""
+    load_threads: int = 1
+    """Threads that load adapters (read, check, copy into pages), in the order asked; one keeps a burst of
+    cold loads from all finishing late on a machine whose cores the engine uses."""
     registry: Path | None = None
     """Local registry folder; None uses $ADAPTERDOCK_REGISTRY or ./adapters."""
     hub: str | None = None
@@ -154,6 +157,7 @@ class ServerConfig:
             "max_body_bytes",
             "max_judgements_per_rater",
             "hub_max_pulls",
+            "load_threads",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)} must be at least 1")

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from server.adapter_cache import LOAD_SECONDS_BUCKETS
 from server.quotas import charge_tokens
 
 PREFIX = "adapterdock"
@@ -154,6 +155,15 @@ def _cache_metrics(stats: dict[str, Any]):
         "Seconds spent loading adapters (sum over loads).",
         value=stats.get("load_seconds_total", 0.0),
     )
+    counts = stats.get("load_seconds_buckets")
+    if counts is not None:
+        yield HistogramMetricFamily(
+            f"{PREFIX}_adapter_load_latency_seconds",
+            "Seconds from asking for a cold adapter to having it ready (queueing for the load worker, "
+            "reading, checking, copying into pages).",
+            buckets=[(_bound(b), c) for b, c in zip(LOAD_SECONDS_BUCKETS, counts, strict=True)],
+            sum_value=stats.get("load_seconds_total", 0.0),
+        )
     gauges = {
         "resident": "Adapters resident in engine slots.",
         "resident_bytes": "Bytes of resident adapter weights.",
@@ -163,6 +173,10 @@ def _cache_metrics(stats: dict[str, Any]):
     }
     for key, text in gauges.items():
         yield GaugeMetricFamily(f"{PREFIX}_adapter_cache_{key}", text, value=stats.get(key, 0))
+
+
+def _bound(seconds: float) -> str:
+    return "+Inf" if seconds == float("inf") else repr(seconds)
 
 
 def _scheduler_metrics(stats: dict[str, Any]):

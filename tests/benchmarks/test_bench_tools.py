@@ -93,6 +93,9 @@ def test_prometheus_parser_sums_label_sets_and_cache_delta() -> None:
             "adapterdock_adapter_cache_coalesced_total 0.0",
             "adapterdock_adapter_cache_loads_total 10.0",
             "adapterdock_adapter_load_seconds_total 0.5",
+            'adapterdock_adapter_load_latency_seconds_bucket{le="0.025"} 2.0',
+            'adapterdock_adapter_load_latency_seconds_bucket{le="0.05"} 8.0',
+            'adapterdock_adapter_load_latency_seconds_bucket{le="+Inf"} 10.0',
         ]
     )
     after = parse_prometheus(text)
@@ -101,6 +104,7 @@ def test_prometheus_parser_sums_label_sets_and_cache_delta() -> None:
     delta = cache_delta(before, after)
     assert delta["cache_hit_rate"] == 0.75
     assert delta["mean_load_ms"] == 50.0
+    assert delta["median_load_ms"] == 37.5  # 5 of 10: half-way through the 25-50 ms bucket's 6
     assert cache_delta({}, {})["cache_hit_rate"] is None  # a peer without adapterdock's metrics
 
 

@@ -142,6 +142,7 @@ def test_health_ready_and_metrics(server: FakeServer):
         "adapterdock_adapter_cache_misses_total 1.0",
         "adapterdock_adapter_cache_loads_total 1.0",
         "adapterdock_adapter_load_seconds_total",
+        'adapterdock_adapter_load_latency_seconds_bucket{le="+Inf"} 1.0',
         "adapterdock_adapter_cache_evictions_total",
         "adapterdock_queue_depth",
         "adapterdock_batch_size",
