@@ -16,8 +16,9 @@ from hub.adapter_format import detect_adapter_format
 from hub.bases import describe_base, resolve_base
 from hub.builtin_bases import BUILTIN_BASES, create_builtin_base
 from hub.compat import check_fits_base
-from hub.errors import AdapterDockError, BaseMismatchError
+from hub.errors import AdapterDockError, BaseMismatchError, CorruptAdapterError
 from hub.manifest import TASKS, Manifest
+from hub.peft_config import is_dora
 from hub.ref import AdapterRef
 from hub.remote_cli import add_remote_commands
 from hub.store import LocalStore, default_registry_root
@@ -146,8 +147,9 @@ def build_hub_parser(prog: str = "adapterdock hub") -> argparse.ArgumentParser:
     imp.add_argument("--task", required=True, choices=TASKS, help="what the adapter does")
     imp.add_argument("--base", help="its base (default: base_model_name_or_path in adapter_config.json)")
     imp.add_argument("--labels", help="comma-separated labels, in class-id order (classification, ner)")
-    imp.add_argument("--method", default="lora", choices=("lora", "qlora", "bottleneck"),
-                     help="how it was trained (default lora)")  # fmt: skip
+    imp.add_argument("--method", choices=IMPORT_METHODS,
+                     help="how it was trained (default: read off the folder: bottleneck, dora when "
+                          "adapter_config.json has use_dora, else lora)")  # fmt: skip
     imp.add_argument("--tag", action="append", default=[], help="tag the new version (repeatable)")
 
     add_remote_commands(sub, help_formatter)
@@ -217,6 +219,31 @@ def describe_split(name: str, split: TrafficSplit) -> str:
     return f"{shares} (split {split.describe()}, sticky per user)"
 
 
+IMPORT_METHODS = ("lora", "qlora", "dora", "qdora", "bottleneck")
+"""What `hub import --method` accepts: the methods whose result is an adapter folder (not full weights)."""
+_FAMILY = {"lora": "lora", "qlora": "lora", "dora": "dora", "qdora": "dora", "bottleneck": "bottleneck"}
+
+
+def import_method(adapter_format: str, config: dict, asked: str | None) -> str:
+    """The manifest's method for an imported folder: what the files are (bottleneck; DoRA when
+    `use_dora`; else LoRA), refined by `--method` (qlora / qdora: trained on a 4-bit base) but never
+    contradicting them, so a DoRA adapter is never registered as a plain LoRA.
+
+    Raises:
+        CorruptAdapterError: `--method` names another kind of adapter than the folder holds.
+    """
+    found = "bottleneck" if adapter_format == "bottleneck" else "dora" if is_dora(config) else "lora"
+    if asked is None:
+        return found
+    if _FAMILY[asked] != found:
+        hint = {"lora": "lora or qlora", "dora": "dora or qdora", "bottleneck": "bottleneck"}[found]
+        raise CorruptAdapterError(
+            f"--method {asked} does not match the folder, which holds a {found} adapter.",
+            f"Pass --method {hint}, or leave --method out to read it off the folder.",
+        )
+    return asked
+
+
 def import_folder(store: LocalStore, args: argparse.Namespace) -> Manifest:
     """Check an outside adapter folder against its base and register it."""
     folder: Path = args.folder
@@ -233,7 +260,7 @@ def import_folder(store: LocalStore, args: argparse.Namespace) -> Manifest:
         folder,
         name=args.name,
         task=args.task,
-        method="bottleneck" if adapter_format == "bottleneck" else args.method,
+        method=import_method(adapter_format, config, args.method),
         base=base.spec,
         labels=labels,
         trainer={"imported_from": str(folder.resolve()), "adapter_config": config},

@@ -115,3 +115,28 @@ def test_python_dash_m_hub_works(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 0 and "no adapters" in proc.stdout
+
+
+def test_import_reads_the_method_off_the_folder_and_refuses_a_contradiction(
+    tiny_base: BaseInfo, tmp_path: Path, capsys
+) -> None:
+    """A DoRA folder (use_dora) registers as dora, not as the plain LoRA a server would then serve it as;
+    --method may refine it (qdora: trained on a 4-bit base) but not contradict it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base.path)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")
+    folder = tmp_path / "dora"
+    get_peft_model(model, config).save_pretrained(folder)
+    args = ["hub", "--registry", str(tmp_path / "reg"), "import", str(folder), "--task", "instruction",
+            "--base", "tiny"]  # fmt: skip
+    assert adapterdock([*args, "--name", "d"]) == 0
+    assert adapterdock([*args, "--name", "q", "--method", "qdora"]) == 0
+    assert adapterdock([*args, "--name", "wrong", "--method", "lora"]) == 2
+    err = capsys.readouterr().err
+    assert "--method lora does not match the folder, which holds a dora adapter" in err
+    assert "--method dora or qdora" in err
+    store = LocalStore(tmp_path / "reg")
+    assert (store.get("d").manifest.method, store.get("q").manifest.method) == ("dora", "qdora")
+    assert "wrong" not in store.names()
