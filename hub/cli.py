@@ -171,6 +171,9 @@ def run_hub(args: argparse.Namespace) -> int:
             tags = ",".join(t for t, v in store.tags(m.name).items() if v == m.version)
             metrics = " ".join(f"{k}={v:.4g}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
             print(f"{m.ref:32} {m.task:14} {m.method:10} [{tags}] {m.base.name_or_path} {metrics}")
+        for name in dict.fromkeys(m.name for m in manifests):  # a split tag names no single version
+            for tag, split in store.routes(name).items():
+                print(f"{name}@{tag} -> {describe_split(name, split)}")
         return 0
     if args.command == "show":
         if args.resolve:  # a tag moves; the version it names now does not (docs/scaling.md)

@@ -140,3 +140,14 @@ def test_import_reads_the_method_off_the_folder_and_refuses_a_contradiction(
     store = LocalStore(tmp_path / "reg")
     assert (store.get("d").manifest.method, store.get("q").manifest.method) == ("dora", "qdora")
     assert "wrong" not in store.names()
+
+
+def test_list_shows_traffic_splits(peft_folder: Path, tmp_path: Path, capsys) -> None:
+    args = ["hub", "--registry", str(tmp_path / "reg")]
+    for _ in range(2):
+        assert adapterdock([*args, "import", str(peft_folder), "--name", "chat", "--task", "instruction",
+                            "--base", "tiny"]) == 0  # fmt: skip
+    assert adapterdock([*args, "route", "chat", "prod", "--split", "1=90,2=10"]) == 0
+    capsys.readouterr()
+    assert adapterdock([*args, "list"]) == 0
+    assert "chat@prod -> chat@1 90%, chat@2 10% (split 1=90,2=10, sticky per user)" in capsys.readouterr().out
