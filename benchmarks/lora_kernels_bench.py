@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Callable
 
@@ -26,17 +27,16 @@ import torch
 SHAPES = {"q_proj": (512, 512), "k_proj": (512, 256), "gate_proj": (512, 1408), "down_proj": (1408, 512)}
 
 
-def timed(fn: Callable[[], torch.Tensor], repeats: int) -> float:
-    """Median microseconds of `fn` over `repeats` runs (after 3 warm-up runs)."""
-    for _ in range(3):
+def timed(fn: Callable[[], torch.Tensor], repeats: int, warmup: int = 3) -> float:
+    """Median microseconds of `fn` over `repeats` runs (after `warmup` untimed runs)."""
+    for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    times.sort()
-    return round(1e6 * times[len(times) // 2], 1)
+    return round(1e6 * statistics.median(times), 1)
 
 
 def strategies(

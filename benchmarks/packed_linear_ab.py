@@ -22,21 +22,11 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.bench_report import invocation, write_results
+from benchmarks.lora_kernels_bench import timed
 from server.packed_linear import pack_weight, packed_linear
 
 SHAPES = {"q/o_proj": (576, 576), "k/v_proj": (576, 192), "gate/up_proj": (576, 1536),
           "down_proj": (1536, 576), "lm_head": (576, 49152)}  # fmt: skip
-
-
-def _median_us(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1e6 * statistics.median(times), 1)
 
 
 def matmuls(repeats: int) -> list[dict[str, Any]]:
@@ -46,8 +36,8 @@ def matmuls(repeats: int) -> list[dict[str, Any]]:
         packed = pack_weight(weight)
         for tokens in (16, 16 * 64):
             x = torch.randn(tokens, fan_in).bfloat16()
-            plain_us = _median_us(lambda: F.linear(x, weight), repeats)  # noqa: B023
-            packed_us = _median_us(lambda: packed_linear(x, packed), repeats)  # noqa: B023
+            plain_us = timed(lambda: F.linear(x, weight), repeats, warmup=5)  # noqa: B023
+            packed_us = timed(lambda: packed_linear(x, packed), repeats, warmup=5)  # noqa: B023
             same = torch.equal(F.linear(x, weight), packed_linear(x, packed))
             rows.append({"linear": name, "rows": tokens, "plain us": plain_us, "packed us": packed_us,
                          "speed-up": round(plain_us / packed_us, 2), "same bits": same})  # fmt: skip
