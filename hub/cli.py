@@ -222,9 +222,10 @@ def describe_split(name: str, split: TrafficSplit) -> str:
     return f"{shares} (split {split.describe()}, sticky per user)"
 
 
-IMPORT_METHODS = ("lora", "qlora", "dora", "qdora", "bottleneck")
-"""What `hub import --method` accepts: the methods whose result is an adapter folder (not full weights)."""
 _FAMILY = {"lora": "lora", "qlora": "lora", "dora": "dora", "qdora": "dora", "bottleneck": "bottleneck"}
+"""Method -> the kind of adapter folder it leaves (a 4-bit base changes the method, not the files)."""
+IMPORT_METHODS = tuple(_FAMILY)
+"""What `hub import --method` accepts: the methods whose result is an adapter folder (not full weights)."""
 
 
 def import_method(adapter_format: str, config: dict, asked: str | None) -> str:
@@ -239,7 +240,7 @@ def import_method(adapter_format: str, config: dict, asked: str | None) -> str:
     if asked is None:
         return found
     if _FAMILY[asked] != found:
-        hint = {"lora": "lora or qlora", "dora": "dora or qdora", "bottleneck": "bottleneck"}[found]
+        hint = " or ".join(method for method, family in _FAMILY.items() if family == found)
         raise CorruptAdapterError(
             f"--method {asked} does not match the folder, which holds a {found} adapter.",
             f"Pass --method {hint}, or leave --method out to read it off the folder.",

@@ -109,15 +109,7 @@ class Scheduler:
             self._thread = None
         self.engine.ledger.off_free(self._wake)
         self.engine.ledger.want_kv(0)
-        error = SchedulerStoppedError("The scheduler stopped before this request finished.")
-        for job in [*self._pending, *self._running.values()]:
-            job.finished = True
-            job.push(error)
-        for task in self._tasks:
-            task.resolve(error=error)
-        self._pending.clear()
-        self._running.clear()
-        self._tasks.clear()
+        self._fail_all(SchedulerStoppedError("The scheduler stopped before this request finished."))
 
     def _has_work(self) -> bool:
         return bool(self._pending or self._running or self._tasks)
@@ -210,8 +202,7 @@ class Scheduler:
         """After an unexpected error, end every running request with it, then free their rows."""
         jobs = list(self._running.values())
         for job in jobs:  # every stream gets its error first, whatever freeing the cache does next
-            job.finished = True
-            job.push(exc)
+            job.fail(exc)
         for job in jobs:
             self._retire(job)
 
@@ -225,8 +216,7 @@ class Scheduler:
             self._tasks.clear()
         self._running.clear()
         for job in jobs:
-            job.finished = True
-            job.push(error)
+            job.fail(error)
         for task in tasks:
             task.resolve(error=error)
 
@@ -282,8 +272,7 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - fail these requests, keep serving others
             logger.exception("prefill failed")
             for job in admitted:
-                job.finished = True
-                job.push(exc)
+                job.fail(exc)
             self._dequeue(len(admitted))
             for job in admitted:
                 self.engine.release(job.seq_id)  # rows a late failure (after the cache write) left behind
@@ -306,8 +295,7 @@ class Scheduler:
         with self._cond:
             job = self._pending.popleft()
         logger.warning("refused request %d: %s", job.seq_id, exc)
-        job.finished = True
-        job.push(exc)
+        job.fail(exc)
 
     def _decode(self) -> None:
         order = self.engine.active_ids
@@ -350,8 +338,7 @@ class Scheduler:
             logger.warning(
                 "request %d produced non-finite logits (slot %d); failing it alone", job.seq_id, job.slot
             )
-            job.finished = True
-            job.push(_non_finite(job.request.adapter))
+            job.fail(_non_finite(job.request.adapter))
             self._retire(job)
         return [jobs[i] for i in keep.tolist()], logits[keep]
 

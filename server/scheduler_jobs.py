@@ -42,6 +42,11 @@ class GenJob:
     def push(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
+    def fail(self, error: BaseException) -> None:
+        """End this request with `error` (the worker's last item for it)."""
+        self.finished = True
+        self.push(error)
+
 
 class TokenStream:
     """The async iterator `Scheduler.generate` returns; closing it cancels the request.
